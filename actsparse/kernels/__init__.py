@@ -1,0 +1,1 @@
+"""Triton kernels for activation-sparse inference (see each file stem in tests/ and benchmarks/)."""
