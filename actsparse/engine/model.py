@@ -1,0 +1,519 @@
+"""One readable decoder model for the decode engine (gpt-fast style), dense or activation-sparse.
+
+Reads top to bottom: ``ModelArgs`` (every shape, derived from a Hugging Face ``config.json``),
+``KVCache``, ``Linear`` (the only place where dense and sparse differ), ``Attention`` (GQA),
+``FeedForward`` (gated MLP), ``RMSNorm``, RoPE, ``Block`` and ``Transformer``. Loading (Hugging Face
+safetensors folders, built on ``meta`` and filled with ``load_state_dict(assign=True)``) and
+random-weight models of named shapes built directly on the GPU live in ``load.py``.
+
+Why fused linears: decode at batch 1 is bandwidth-bound, one GEMV per weight matrix. q/k/v share
+their input, and so do gate/up, so we concatenate their weights along N and make one launch each
+(``wqkv`` [Nq + 2 Nkv, K], ``w13`` [2 F, K]): fewer launches, and in sparse mode one mask decides
+which weight rows are read for all of them.
+
+Sparse mode (``Transformer.sparsify_``): each block linear stores its weight transposed,
+``weight_t`` [K, N], so that a zeroed input x_k skips the contiguous row ``weight_t[k]``, and calls
+``actsparse.kernels.sparse_gemv.sparse_gemv`` with per-input thresholds [K] (kept iff
+``|x_k| > thresholds[k]``). Prefill (more rows than a GEMV serves) applies the same mask and uses a
+dense matmul, so prefill and decode compute the same function. ``lm_head`` always stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ActsparseError
+
+ENGINE_ARCHITECTURES = ("llama", "mistral", "qwen2")
+MAX_GEMV_ROWS = 8  # sparse_gemv serves up to 8 rows (batch 1..8 at decode); more rows use a matmul
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArgs:
+    """Every shape of the model. Built from a Hugging Face config with :meth:`from_hf_config`."""
+
+    vocab_size: int
+    dim: int  # hidden_size
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    intermediate_size: int
+    head_dim: int = 0  # 0 = dim // n_head
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    extra: dict = field(default_factory=dict, repr=False)  # the config it came from
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            if self.dim % self.n_head:
+                raise ActsparseError(f"hidden_size {self.dim} is not a multiple of num_attention_heads {self.n_head}")
+            self.head_dim = self.dim // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ActsparseError(f"num_attention_heads {self.n_head} is not a multiple of num_key_value_heads {self.n_kv_head}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ActsparseError(f"unsupported hidden_act '{self.hidden_act}' (engine supports {', '.join(_ACTIVATIONS)})")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ActsparseError(f"unsupported RoPE scaling '{rope_type}' (engine supports default, llama3, linear)")
+
+    @property
+    def q_size(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        """Parse a ``config.json`` dict of the Llama, Mistral or Qwen2 family (transformers 4 or 5 layout)."""
+        mt = config.get("model_type", "llama")
+        if mt not in ENGINE_ARCHITECTURES:
+            raise ActsparseError(
+                f"the decode engine does not support '{mt}' (supported: {', '.join(ENGINE_ARCHITECTURES)})"
+            )
+        # transformers 5 writes rope_parameters {rope_theta, rope_type, ...}; 4.x wrote rope_theta + rope_scaling.
+        rope = dict(config.get("rope_parameters") or {})
+        if "rope_theta" not in rope:
+            rope["rope_theta"] = config.get("rope_theta", 10000.0)
+        scaling = config.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+        scaling = dict(scaling)
+        if "type" in scaling and "rope_type" not in scaling:  # very old configs
+            scaling["rope_type"] = scaling.pop("type")
+        if scaling.get("rope_type", "default") == "default":
+            scaling = None
+        if mt == "qwen2" and config.get("use_sliding_window", False):
+            raise ActsparseError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+        n_head = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            dim=config["hidden_size"],
+            n_layer=config["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=config.get("num_key_value_heads") or n_head,
+            intermediate_size=config["intermediate_size"],
+            head_dim=config.get("head_dim") or 0,
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope["rope_theta"]),
+            rope_scaling=scaling,
+            # Qwen2 has q/k/v biases by architecture (no config field); Llama names them attention_bias.
+            qkv_bias=bool(config.get("attention_bias", mt == "qwen2")),
+            o_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            sliding_window=config.get("sliding_window") if mt == "mistral" else None,
+            hidden_act=config.get("hidden_act", "silu"),
+            model_type=mt,
+            extra=dict(config),
+        )
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in NAMED_CONFIGS:
+            raise ActsparseError(f"unknown model shape '{name}' (choose from {', '.join(NAMED_CONFIGS)})")
+        return cls.from_hf_config(NAMED_CONFIGS[name])
+
+
+# Named shapes for random-weight benchmarks and tests, written as Hugging Face config dicts so that
+# they go through the same parser as a real checkpoint (and can build the matching HF model).
+NAMED_CONFIGS: dict[str, dict] = {
+    "llama3-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    "llama2-7b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+    "mistral-7b": dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, tie_word_embeddings=False, sliding_window=4096,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+    # Tiny shapes for tests (odd sizes on purpose: head_dim 12, F not a power of two).
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=32),
+    ),
+    "tiny-mistral": dict(
+        model_type="mistral", vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, max_position_embeddings=256,
+        sliding_window=8, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256,
+        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Static key/value cache: writes at ``input_pos`` and returns the whole buffers."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_head: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: [T]; k, v: [B, Hkv, T, D]
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b``: dense (cuBLAS) or, after :meth:`sparsify_`, activation-sparse.
+
+    Dense: ``weight`` [N, K] (the Hugging Face layout), ``F.linear``.
+    Sparse: ``weight_t`` [K, N] and a ``thresholds`` [K] fp32 buffer; ``x_k`` is kept iff
+    ``|x_k| > thresholds[k]``, and a dropped input skips the weight row ``weight_t[k]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_parameter("weight_t", None)  # [K, N] in sparse mode
+        self.register_buffer("thresholds", None)  # [K] fp32 in sparse mode
+        self.backend = "dense"
+        self.prefill_dense = False  # sparse mode: keep multi-token (prompt) inputs dense
+        self.record: list | None = None  # calibration/statistics: inputs are appended here when set
+
+    @property
+    def sparse(self) -> bool:
+        return self.backend != "dense"
+
+    @torch.no_grad()
+    def sparsify_(self, thresholds: torch.Tensor, backend: str) -> None:
+        """Switch to sparse mode: store the weight as [K, N] and keep ``thresholds`` [K] in a buffer."""
+        if backend not in ("torch", "triton"):
+            raise ActsparseError(f"unknown sparse backend '{backend}' (choose torch or triton)")
+        if not self.sparse:
+            weight_t = self.weight.detach().t().contiguous()  # [K, N]
+            self.weight = None  # free the [N, K] copy before the next layer transposes
+            self.weight_t = nn.Parameter(weight_t, requires_grad=False)
+            self.thresholds = torch.zeros(self.in_features, dtype=torch.float32, device=weight_t.device)
+        self.set_thresholds_(thresholds)
+        self.backend = backend
+
+    @torch.no_grad()
+    def set_thresholds_(self, thresholds: torch.Tensor | None) -> None:
+        """Copy new thresholds in place (a captured CUDA graph keeps working with the new values)."""
+        if thresholds is None:
+            self.thresholds.zero_()
+            return
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        if thresholds.ndim == 0:
+            thresholds = thresholds.expand(self.in_features)
+        if thresholds.shape != (self.in_features,):
+            raise ActsparseError(f"thresholds have shape {tuple(thresholds.shape)}, expected ({self.in_features},)")
+        self.thresholds.copy_(thresholds)
+
+    # Linears run eagerly even inside compiled blocks: cuBLAS or the sparse_gemv launcher are
+    # already one kernel each, and tracing sparse_gemv would add a workspace memset per call.
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, K] -> [B, T, N]
+        if self.record is not None:
+            self.record.append(x.detach())
+        if not self.sparse:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if self.prefill_dense and x.dim() == 3 and x.shape[1] > 1:
+            y = x2 @ self.weight_t
+        elif self.backend == "triton" and x2.shape[0] <= MAX_GEMV_ROWS:
+            y = _sparse_gemv()(x2, self.weight_t, self.thresholds)  # [M, N]
+        elif self.backend == "torch" and x2.shape[0] <= MAX_GEMV_ROWS:
+            y = _sparse_gemv_reference()(x2, self.weight_t, self.thresholds)
+        else:  # prefill: same mask, compute-bound matmul
+            y = (x2 * (x2.abs() > self.thresholds).to(x2.dtype)) @ self.weight_t
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _sparse_gemv():
+    from ..kernels.sparse_gemv import sparse_gemv  # noqa: PLC0415  (Triton is optional on CPU)
+
+    return sparse_gemv
+
+
+def _sparse_gemv_reference():
+    try:
+        from ..kernels.sparse_gemv import sparse_gemv_reference  # noqa: PLC0415
+    except ImportError:  # the kernel module is optional for the reference path
+        return _masked_gemv
+    return sparse_gemv_reference
+
+
+def _masked_gemv(x: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
+    """Pure-PyTorch ``(x * (|x| > thr)) @ w_t`` accumulated in fp32 (the sparse_gemv contract)."""
+    # x: [B, K], w_t: [K, N], thresholds: [K] fp32 -> [B, N] in x.dtype
+    keep = x != 0 if thresholds is None else x.abs().float() > thresholds
+    return ((x.float() * keep) @ w_t.float()).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_seq_len, head_dim] fp32, the "rotate half" layout of Hugging Face checkpoints."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = args.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":  # Llama 3.1: stretch long wavelengths, keep short ones, blend between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) * ~(wavelen > old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    pos = torch.arange(max_seq_len, device=device, dtype=torch.int64).float()
+    freqs = pos[:, None] * inv_freq[None, :]  # [S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos, sin: [T, D] fp32
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.q_size, self.kv_size = args.q_size, args.kv_size
+        self.wqkv = Linear(args.dim, args.q_size + 2 * args.kv_size, args.qkv_bias, device, dtype)
+        self.wo = Linear(args.q_size, args.dim, args.o_bias, device, dtype)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        # x: [B, T, dim]; cos, sin: [T, D]; mask: [T, S] bool (True = attend); input_pos: [T]
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
+        k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, D]
+        # GQA without copying the cache: the G query heads of a kv head are stacked along time.
+        G = H // Hkv
+        q = q.reshape(B, Hkv, G * T, D)
+        scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, G*T, S]
+        scores = scores.masked_fill(~mask.repeat(G, 1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        y = (probs @ v).view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return self.wo(y)
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.act = _ACTIVATIONS[args.hidden_act]
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size, args.mlp_bias, device, dtype)  # gate; up
+        self.w2 = Linear(args.intermediate_size, args.dim, args.mlp_bias, device, dtype)  # down
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+        self.attention = Attention(args, device, dtype)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+        self.feed_forward = FeedForward(args, device, dtype)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(args, device, dtype) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
+        self.output = Linear(args.dim, args.vocab_size, False, device, dtype)  # lm_head: always dense
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.batch_size = self.max_seq_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
+        """(Re)allocate the KV caches, RoPE tables and causal mask on the weights' device."""
+        args, device, dtype = self.args, self.device, self.dtype
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, args.n_kv_head, args.head_dim, dtype, device)
+        cos, sin = rope_tables(args, max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        pos = torch.arange(max_seq_len, device=device)
+        mask = pos[None, :] <= pos[:, None]  # [S, S]: query i attends key j <= i
+        if args.sliding_window is not None:
+            mask &= pos[None, :] > pos[:, None] - args.sliding_window
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False, block_fn=None):
+        """idx: [B, T] token ids at positions input_pos: [T] -> logits [B, T or 1, vocab].
+
+        ``block_fn(block, x, cos, sin, mask, input_pos)`` lets the generator run compiled blocks.
+        """
+        if self.max_seq_len == 0:
+            raise ActsparseError("call setup_caches(batch_size, max_seq_len) before running the model")
+        x = self.tok_embeddings(idx)  # [B, T, dim]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, D]
+        mask = self.causal_mask[input_pos]  # [T, S]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos) if block_fn is None else block_fn(layer, x, cos, sin, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    # -------------------------------------------------------------------------------- sparsity
+
+    def block_linears(self):
+        """(engine name, Linear, Hugging Face names of the linears it fuses) for every block linear."""
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            yield f"layers.{i}.attention.wqkv", layer.attention.wqkv, tuple(f"{p}.self_attn.{n}_proj" for n in "qkv")
+            yield f"layers.{i}.attention.wo", layer.attention.wo, (f"{p}.self_attn.o_proj",)
+            yield f"layers.{i}.feed_forward.w13", layer.feed_forward.w13, (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj")
+            yield f"layers.{i}.feed_forward.w2", layer.feed_forward.w2, (f"{p}.mlp.down_proj",)
+
+    def is_sparse(self) -> bool:
+        return any(lin.sparse for _, lin, _ in self.block_linears())
+
+    def backend(self) -> str:
+        return self.layers[0].attention.wqkv.backend
+
+    def sparse_key(self) -> tuple:
+        """What a captured decode graph depends on besides buffer contents."""
+        lin = self.layers[0].attention.wqkv
+        return (lin.backend, lin.prefill_dense)
+
+    @property
+    def prefill_dense(self) -> bool:
+        return self.layers[0].attention.wqkv.prefill_dense
+
+    @prefill_dense.setter
+    def prefill_dense(self, value: bool) -> None:
+        for _, lin, _ in self.block_linears():
+            lin.prefill_dense = bool(value)
+
+    def set_backend_(self, backend: str) -> None:
+        """Switch a sparse model between the "torch" reference path and the "triton" kernels."""
+        if backend not in ("torch", "triton"):
+            raise ActsparseError(f"unknown sparse backend '{backend}' (choose torch or triton)")
+        for _, lin, _ in self.block_linears():
+            if not lin.sparse:
+                raise ActsparseError("set_backend_ needs a sparse model: call sparsify_ first")
+            lin.backend = backend
+
+    @torch.no_grad()
+    def sparsify_(self, thresholds: dict[str, torch.Tensor] | None, backend: str = "auto") -> "Transformer":
+        """Make every block linear sparse with ``thresholds`` (keys: HF linear names; missing = 0).
+
+        Linears that share an input (q/k/v, gate/up) must carry identical thresholds, since one
+        fused launch applies one mask. ``backend``: "torch" (reference, CPU), "triton", "auto".
+        """
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        for name, linear, hf_names in self.block_linears():
+            linear.sparsify_(_site_thresholds(thresholds, hf_names, linear.in_features), backend)
+        return self
+
+    @torch.no_grad()
+    def set_thresholds_(self, thresholds: dict[str, torch.Tensor] | None) -> None:
+        """New thresholds for a sparse model, copied in place (captured graphs stay valid)."""
+        for name, linear, hf_names in self.block_linears():
+            if not linear.sparse:
+                raise ActsparseError("set_thresholds_ needs a sparse model: call sparsify_ first")
+            linear.set_thresholds_(_site_thresholds(thresholds, hf_names, linear.in_features))
+
+
+def _site_thresholds(thresholds, hf_names, in_features) -> torch.Tensor | None:
+    if thresholds is None:
+        return None
+    present = [n for n in hf_names if n in thresholds]
+    if not present:
+        return None
+    first = torch.as_tensor(thresholds[present[0]], dtype=torch.float32).cpu()
+    for n in present[1:]:
+        if not torch.equal(torch.as_tensor(thresholds[n], dtype=torch.float32).cpu(), first):
+            raise ActsparseError(f"{n} and {present[0]} share an input but have different thresholds")
+    if first.shape not in ((), (in_features,)):
+        raise ActsparseError(f"thresholds for {present[0]} have shape {tuple(first.shape)}, expected ({in_features},)")
+    return first

@@ -1,0 +1,388 @@
+"""Fine-tuning a relufied model: packed LM loss, ProSparse progressive L1, optional distillation.
+
+Loss per micro-batch::
+
+    (1 - alpha) * CE(student) + alpha * KL(teacher || student) + lambda(step) * L1
+
+with ``L1`` = mean over layers of ``mean|act(gate(x))|`` (the input-side sparsity of ``down``), and
+``lambda`` following :class:`L1Schedule`. ProSparse (Song et al., 2024) raises lambda in stages with
+increasing peaks, smoothly inside each stage, because a large L1 factor from the first step
+destroys the model before it adapts to ReLU, and a sudden jump in lambda gives a loss spike.
+
+Resumable: checkpoints (model, optimizer, LR scheduler, step, RNG, configs, history) are written
+atomically, and the batch of step ``s`` is a pure function of ``(seed, s)``, so an interrupted run
+resumed from its checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ActsparseError
+from .measure import ActivationTap, tokenize
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class L1Schedule:
+    """Staged L1 factor: ``stages = [(steps, peak), ...]``, peaks non-decreasing.
+
+    Inside stage k the factor rises from the previous stage's peak (0 before the first stage) to
+    ``peak_k`` along a quarter sine (ProSparse) or a half cosine (``shape="cosine"``, flat at both
+    ends), reaching ``peak_k`` exactly at the stage's end; after the last stage it stays at the last
+    peak. A first stage with peak 0 is a plain fine-tuning phase with L1 off.
+    """
+
+    stages: list[tuple[int, float]]
+    shape: str = "sine"
+
+    def __post_init__(self):
+        if not isinstance(self.stages, (list, tuple)) or not self.stages:
+            raise ActsparseError("L1Schedule needs at least one (steps, peak) stage")
+        stages = []
+        prev = 0.0
+        for stage in self.stages:
+            if not isinstance(stage, (list, tuple)) or len(stage) != 2:
+                raise ActsparseError(f"an L1 stage is a pair (steps, peak), got {stage!r}")
+            steps, peak = stage
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+                raise ActsparseError(f"L1 stage steps must be a positive integer, got {steps!r}")
+            if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not math.isfinite(peak) or peak < 0:
+                raise ActsparseError(f"L1 stage peak must be a finite number >= 0, got {peak!r}")
+            if peak < prev:
+                raise ActsparseError(f"L1 stage peaks must not decrease ({prev} then {peak})")
+            prev = float(peak)
+            stages.append((int(steps), float(peak)))
+        self.stages = stages
+        if self.shape not in ("sine", "cosine"):
+            raise ActsparseError(f"L1Schedule shape must be 'sine' or 'cosine', got {self.shape!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s for s, _ in self.stages)
+
+    def factor(self, step: int) -> float:
+        """The L1 factor used at optimizer step ``step`` (0-based)."""
+        start, prev = 0, 0.0
+        for steps, peak in self.stages:
+            if step < start + steps:
+                p = max(step - start, 0) / steps  # in [0, 1)
+                w = math.sin(0.5 * math.pi * p) if self.shape == "sine" else 0.5 * (1 - math.cos(math.pi * p))
+                return prev + (peak - prev) * w
+            start, prev = start + steps, peak
+        return prev
+
+    @classmethod
+    def even(cls, total_steps: int, peaks: list[float], warmup_steps: int = 0, shape: str = "sine") -> "L1Schedule":
+        """Split ``total_steps - warmup_steps`` evenly over ``peaks`` (after an L1-off warm-up)."""
+        if warmup_steps < 0 or total_steps - warmup_steps < len(peaks) or not peaks:
+            raise ActsparseError("L1Schedule.even: not enough steps for the stages")
+        n = total_steps - warmup_steps
+        sizes = [n // len(peaks) + (1 if i < n % len(peaks) else 0) for i in range(len(peaks))]
+        stages = ([(warmup_steps, 0.0)] if warmup_steps else []) + list(zip(sizes, peaks))
+        return cls(stages=stages, shape=shape)
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning hyper-parameters. One optimizer step sees ``batch_size * seq_len`` tokens."""
+
+    steps: int
+    seq_len: int = 1024
+    batch_size: int = 16  # sequences per optimizer step
+    micro_batch_size: int = 16  # sequences per forward/backward; batch_size must be a multiple
+    lr: float = 3e-4
+    lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant", after warm-up
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 = off
+    l1: L1Schedule | None = None  # None = no L1 term
+    distill_alpha: float = 0.0  # weight of KL(teacher || student); 0 = off
+    distill_temperature: float = 1.0
+    bf16: bool = True  # autocast to bf16 on CUDA (weights and optimizer stay fp32)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end / stop
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        if isinstance(self.l1, dict):
+            self.l1 = L1Schedule(**self.l1)
+        for name in ("steps", "seq_len", "batch_size", "micro_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ActsparseError(f"{name} must be a positive integer, got {v!r}")
+        if self.seq_len < 2:
+            raise ActsparseError("seq_len must be >= 2")
+        if self.batch_size % self.micro_batch_size:
+            raise ActsparseError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ActsparseError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ActsparseError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ActsparseError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ActsparseError("min_lr_ratio must be in [0, 1]")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ActsparseError("weight_decay and grad_clip must be >= 0")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ActsparseError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not self.distill_temperature > 0:
+            raise ActsparseError("distill_temperature must be > 0")
+        if self.l1 is not None and not isinstance(self.l1, L1Schedule):
+            raise ActsparseError("l1 must be an L1Schedule or None")
+        if self.l1 is not None and self.l1.total_steps > self.steps:
+            raise ActsparseError(f"the L1 schedule spans {self.l1.total_steps} steps but training has {self.steps}")
+        if self.checkpoint_every < 0 or self.log_every <= 0:
+            raise ActsparseError("checkpoint_every must be >= 0 and log_every > 0")
+        self.betas = tuple(self.betas)
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine or constant."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.lr_schedule == "constant":
+            return 1.0
+        p = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+# Fields that must match when resuming (logging/checkpoint cadence may change).
+_RESUME_KEYS = ("steps", "seq_len", "batch_size", "micro_batch_size", "lr", "lr_schedule", "warmup_steps",
+                "min_lr_ratio", "weight_decay", "betas", "grad_clip", "l1", "distill_alpha",
+                "distill_temperature", "bf16", "seed")
+
+
+@dataclass
+class TrainHistory:
+    """Per-step figures of a run (one entry per optimizer step)."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)  # total loss
+    lm_loss: list[float] = field(default_factory=list)  # cross-entropy of the student
+    l1: list[float] = field(default_factory=list)  # mean over layers of mean|a|
+    l1_factor: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    sparsity: list[float] = field(default_factory=list)  # zeros of act(gate(x)) in the step's batch
+    lr: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the optimizer steps (this run and resumed parts)
+    tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+class PackedText:
+    """The text as ``seq_len``-token windows; the window order of each epoch is a seeded permutation,
+    so the batch of any step is a pure function of ``(seed, step)``."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, seed: int):
+        n = ids.numel() // seq_len
+        if n == 0:
+            raise ActsparseError(f"the training text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        self.windows = ids[: n * seq_len].view(n, seq_len)  # [W, T]
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self), generator=g)
+        return self._perms[epoch]
+
+    def batch(self, first_sample: int, size: int) -> torch.Tensor:
+        """Samples ``first_sample .. first_sample + size - 1`` of the endless epoch stream. -> [size, T]"""
+        rows = [self._perm(i // len(self))[i % len(self)] for i in range(first_sample, first_sample + size)]
+        return self.windows[torch.stack(rows)]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_dict(config: TrainConfig) -> dict:
+    d = asdict(config)
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig,
+                    history: TrainHistory) -> None:
+    """Write a training checkpoint atomically (tmp file in the same folder, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "rng": _rng_state(),
+        "train_config": _config_dict(config),
+        "relu_config": getattr(model.config, "actsparse_relu", None),
+        "history": asdict(history),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
+
+
+def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
+               checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+               teacher: nn.Module | None = None, stop_after: int | None = None,
+               progress: bool = True) -> TrainHistory:
+    """Fine-tune ``model`` in place on ``text`` (packed into ``seq_len`` windows); returns the history.
+
+    The model is usually relufied first (:func:`relufy_`); the same function trains the SiLU control.
+    checkpoint_dir: where ``checkpoint.pt`` is written every ``checkpoint_every`` steps, when
+        ``stop_after`` is reached, and at the end. ``resume=True`` continues from it (an error if it
+        is missing or was written with other hyper-parameters).
+    teacher: the original model, required when ``distill_alpha > 0`` (kept frozen, same device).
+    stop_after: stop once this many optimizer steps are done in total (a time-sliced job); a later
+        call with ``resume=True`` finishes the run with the same result as an uninterrupted one.
+    """
+    if config.distill_alpha > 0 and teacher is None:
+        raise ActsparseError("distill_alpha > 0 needs the teacher (original) model")
+    if stop_after is not None and stop_after <= 0:
+        raise ActsparseError("stop_after must be a positive number of steps")
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if resume and (ckpt_path is None or not ckpt_path.exists()):
+        raise ActsparseError(f"nothing to resume: no {CHECKPOINT_FILE} in {checkpoint_dir}")
+
+    device = next(model.parameters()).device
+    data = PackedText(tokenize(tokenizer, text), config.seq_len, config.seed)
+    optimizer = _make_optimizer(model, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
+    history = TrainHistory()
+    start = 0
+    if resume:
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = state["train_config"]
+        ours = _config_dict(config)
+        diff = [k for k in _RESUME_KEYS if saved.get(k) != ours.get(k)]
+        if diff:
+            raise ActsparseError(f"cannot resume {ckpt_path}: it was written with other {', '.join(diff)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        history = TrainHistory(**state["history"])
+        _set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(config.seed)
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+
+    use_autocast = config.bf16 and device.type == "cuda"
+    autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast)  # noqa: E731
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    model.train()
+    bar = None
+    if progress and end > start:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    with ActivationTap(model, track_l1=True, count_zeros=True) as tap:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            factor = config.l1.factor(step) if config.l1 is not None else 0.0
+            sums = torch.zeros(4, device=device)  # loss, lm, l1, kl
+            tap.reset_counts()
+            for micro in range(config.grad_accum):
+                first = step * config.batch_size + micro * config.micro_batch_size
+                ids = data.batch(first, config.micro_batch_size).to(device)  # [b, T]
+                with autocast():
+                    logits = model(input_ids=ids, use_cache=False).logits  # [b, T, V]
+                logits = logits[:, :-1].flatten(0, 1).float()
+                lm = F.cross_entropy(logits, ids[:, 1:].flatten())
+                l1 = tap.pop_l1()
+                kl = torch.zeros((), device=device)
+                if config.distill_alpha > 0:
+                    with torch.no_grad(), autocast():
+                        t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1)
+                    tau = config.distill_temperature
+                    kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits.float() / tau, -1),
+                                  log_target=True, reduction="batchmean") * tau**2
+                    loss = (1 - config.distill_alpha) * lm + config.distill_alpha * kl
+                else:
+                    loss = lm
+                if factor > 0:
+                    loss = loss + factor * l1
+                (loss / config.grad_accum).backward()
+                sums += torch.stack([loss.detach(), lm.detach(), l1.detach(), kl.detach()]) / config.grad_accum
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_v, lm_v, l1_v, kl_v = sums.tolist()  # one host sync per step
+            if not math.isfinite(loss_v):
+                raise ActsparseError(f"training diverged at step {step} (loss {loss_v}); lower lr or the L1 peaks")
+            history.step.append(step)
+            history.loss.append(loss_v)
+            history.lm_loss.append(lm_v)
+            history.l1.append(l1_v)
+            history.l1_factor.append(factor)
+            history.kl.append(kl_v)
+            history.sparsity.append(tap.sparsity())
+            history.lr.append(lr)
+            history.seconds += time.perf_counter() - t0
+            history.tokens += config.batch_tokens
+            if bar is not None:
+                bar.update(1)
+                if (step + 1) % config.log_every == 0 or step + 1 == end:
+                    bar.set_postfix(lm=f"{lm_v:.3f}", l1=f"{l1_v:.4f}", lam=f"{factor:.3g}",
+                                    sparsity=f"{history.sparsity[-1]:.3f}")
+            done = step + 1
+            if ckpt_path is not None and (
+                (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end
+            ):
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, config, history)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return history

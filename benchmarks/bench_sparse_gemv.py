@@ -1,0 +1,367 @@
+"""Benchmark sparse_gemv against cuBLAS dense at decode shapes (GPU).
+
+    PYTHONPATH=. python benchmarks/bench_sparse_gemv.py --out benchmarks/results/sparse_gemv_h100.json
+    (add --sweep to also time a grid of tile configs; --quick for a short run)
+
+Order: a correctness gate (kernel vs a float64 reference on fresh random inputs, NaN-poisoned
+outputs, workspace left zero, repeat runs agree, CUDA-graph capture and torch.compile), then the
+measured copy ceiling, then timings. Nothing is timed on a red gate.
+
+Timing: each row is the median per-call time of a CUDA graph that runs many calls back to back,
+each on its own copy of the weights (copies total >= 4x L2) and its own x ~ N(0, 1), with the
+threshold at the s-quantile of |x| so the kept rows are random, not contiguous. Dense is cuBLAS on
+the same bytes in the same run: F.linear with the [N, K] weight and x @ w_t; the faster one counts.
+Effective bandwidth = bytes of weight rows actually read / time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from actsparse.kernels import sparse_gemv as sg
+from actsparse.kernels.sparse_gemv import GemvConfig, pick_config, sparse_gemv, sparse_gemv_reference
+from benchmarks.common import (
+    copy_ceiling_tb_s,
+    copy_count,
+    env_header,
+    graph_time_us,
+    print_json_last,
+    save_json,
+)
+
+DEVICE = "cuda"
+SHAPES = {  # name: (K, N) with w_t: [K, N]
+    "llama3-8b.qkv": (4096, 6144),
+    "llama3-8b.o": (4096, 4096),
+    "llama3-8b.gate_up": (4096, 28672),
+    "llama3-8b.down": (14336, 4096),
+    "llama2-7b.qkv": (4096, 12288),
+    "llama2-7b.o": (4096, 4096),
+    "llama2-7b.gate_up": (4096, 22016),
+    "llama2-7b.down": (11008, 4096),
+}
+PROSPARSE = {"prosparse-7b.down": ((11008, 4096), (0.67, 0.89)), "prosparse-13b.down": ((13824, 5120), (0.67, 0.89))}
+SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.89, 0.9)
+BATCH_SHAPES = ("llama3-8b.qkv", "llama3-8b.gate_up", "llama3-8b.down")
+BATCHES = (2, 4, 8)
+
+SWEEP_B1 = [
+    GemvConfig(64, 256, 1, 4), GemvConfig(32, 256, 1, 4), GemvConfig(128, 256, 1, 8),
+    GemvConfig(128, 256, 1, 4), GemvConfig(64, 128, 1, 4), GemvConfig(128, 128, 1, 4),
+    GemvConfig(32, 512, 1, 4), GemvConfig(64, 512, 1, 8), GemvConfig(16, 512, 1, 4),
+    GemvConfig(32, 1024, 1, 8), GemvConfig(32, 256, 2, 4), GemvConfig(64, 256, 2, 8),
+    GemvConfig(32, 128, 4, 4), GemvConfig(256, 64, 1, 4),
+]
+SWEEP_BATCHED = [
+    GemvConfig(64, 128, 1, 4), GemvConfig(32, 128, 1, 4), GemvConfig(64, 64, 1, 4),
+    GemvConfig(32, 256, 1, 4), GemvConfig(128, 128, 1, 8), GemvConfig(64, 256, 1, 8),
+    GemvConfig(16, 256, 1, 4), GemvConfig(128, 64, 1, 4),
+]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------
+def make_inputs(K: int, B: int, union_sparsity: float, count: int, dtype, seed: int):
+    """`count` (x, thresholds) pairs: x ~ N(0, 1) [B, K]; thresholds [K] at the row-sparsity
+    quantile r = s^(1/B) of |x|, so each row keeps ~(1-r) and the union keeps ~(1-s)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    row_sparsity = union_sparsity ** (1.0 / B) if union_sparsity > 0 else 0.0
+    xs, thrs, kept = [], [], []
+    for _ in range(count):
+        x = torch.randn(B, K, device=DEVICE, generator=gen).to(dtype)
+        ax = x.float().abs().flatten()
+        t = torch.quantile(ax, row_sparsity).item() if row_sparsity > 0 else 0.0
+        thr = torch.full((K,), t, dtype=torch.float32, device=DEVICE)
+        xs.append(x)
+        thrs.append(thr)
+        kept.append((x.float().abs() > thr).any(dim=0).sum().item())
+    return xs, thrs, kept
+
+
+def reference64(x, w_t, thr):
+    x64 = x.double()
+    t = 0.0 if thr is None else thr.double()
+    return torch.where(x64.abs() > t, x64, torch.zeros_like(x64)) @ w_t.double()
+
+
+def rel_err(y, ref) -> float:
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------
+# Correctness gate
+# ------------------------------------------------------------------------------------------
+def check_case(K, N, B, s, dtype, config=None, seed=0) -> dict:
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    scale = torch.exp(0.5 * torch.randn(K, device=DEVICE, generator=gen))
+    x = (torch.randn(B, K, device=DEVICE, generator=gen) * scale).to(dtype)
+    w_t = (torch.randn(K, N, device=DEVICE, generator=gen) / math.sqrt(K)).to(dtype)
+    if s >= 1.0:
+        thr = x.float().abs().amax(dim=0).contiguous()
+    elif s > 0:
+        r = s ** (1.0 / B)
+        thr = (scale * torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + r / 2)).item()).float()
+    else:
+        thr = torch.zeros(K, device=DEVICE)
+    out = torch.full((B, N), float("nan"), dtype=dtype, device=DEVICE)
+    y = sg._sparse_gemv_impl(x, w_t, thr, config=config, out=out)
+    ys = [sg._sparse_gemv_impl(x, w_t, thr, config=config) for _ in range(3)]
+    torch.cuda.synchronize()
+    acc, counts = sg._WORKSPACES[sg._stream_key(x.device)]
+    ref = reference64(x, w_t, thr)
+    rec = {
+        "id": f"K{K}-N{N}-B{B}-s{round(100 * s)}-{str(dtype).split('.')[-1]}" + (f"-{config}" if config else ""),
+        "nan": bool(torch.isnan(y).any()),
+        "workspace_zero": bool(torch.count_nonzero(acc) == 0 and torch.count_nonzero(counts) == 0),
+    }
+    if s >= 1.0:
+        rec["err"] = 0.0 if torch.equal(y, torch.zeros_like(y)) else float("inf")
+    else:
+        rec["err"] = rel_err(y, ref)
+    rec["repeat_err"] = max(rel_err(yi, y.double()) for yi in ys) if s < 1.0 else 0.0
+    rec["ok"] = (not rec["nan"]) and rec["workspace_zero"] and rec["err"] < tol and rec["repeat_err"] < 5e-3
+    return rec
+
+
+def check_graph_and_compile() -> dict:
+    """CUDA-graph capture of the eager op, and torch.compile (fullgraph) through the custom op."""
+    res = {}
+    K, N, B = 1000, 3000, 2
+    dtype = torch.bfloat16
+    w_t = torch.randn(K, N, device=DEVICE, dtype=dtype) / math.sqrt(K)
+    thr = torch.full((K,), 0.6, device=DEVICE)
+    x_static = torch.randn(B, K, device=DEVICE, dtype=dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sparse_gemv(x_static, w_t, thr)  # warm-up on the capture stream
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        y_static = sparse_gemv(x_static, w_t, thr)
+    errs = []
+    for _ in range(3):
+        x_static.copy_(torch.randn(B, K, device=DEVICE, dtype=dtype))
+        y_static.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        errs.append(rel_err(y_static, reference64(x_static, w_t, thr)))
+    res["cuda_graph_err"] = max(errs)
+    res["cuda_graph_ok"] = max(errs) < 1e-2
+    try:
+        t0 = time.time()
+
+        @torch.compile(fullgraph=True)
+        def f(x, w, t):
+            return sparse_gemv(torch.nn.functional.silu(x), w, t) * 2.0
+
+        x = torch.randn(B, K, device=DEVICE, dtype=dtype)
+        y = f(x, w_t, thr)
+        ref = 2.0 * reference64(torch.nn.functional.silu(x), w_t, thr)
+        res["compile_err"] = rel_err(y, ref)
+        res["compile_ok"] = res["compile_err"] < 1e-2
+        res["compile_s"] = round(time.time() - t0, 1)
+    except Exception as exc:  # report, don't hide: the gate prints it
+        res["compile_ok"] = False
+        res["compile_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return res
+
+
+def correctness_gate(configs_to_check) -> dict:
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for B in (1, 3, 8):
+            for s in (0.0, 0.5, 0.99, 1.0):
+                cases.append(check_case(577, 1001, B, s, dtype, seed=len(cases)))
+    cases.append(check_case(577, 1001, 1, 0.5, torch.float32, seed=101))
+    cases.append(check_case(577, 1001, 5, 0.5, torch.float32, seed=102))
+    cases.append(check_case(4096, 4096, 1, 0.5, torch.bfloat16, seed=103))
+    cases.append(check_case(14336, 4096, 4, 0.5, torch.bfloat16, seed=104))
+    for i, cfg in enumerate(configs_to_check):
+        for B in ((1,) if cfg in SWEEP_B1 else ()) + ((4,) if cfg in SWEEP_BATCHED else ()):
+            cases.append(check_case(3000, 2048, B, 0.5, torch.bfloat16, config=cfg, seed=200 + i))
+    extra = check_graph_and_compile()
+    bad = [c for c in cases if not c["ok"]]
+    ok = not bad and extra["cuda_graph_ok"]
+    return {"ok": ok, "n_cases": len(cases), "failed": bad, "max_err_16bit": max(c["err"] for c in cases if "float32" not in c["id"]), **extra}
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+class Problem:
+    """Rotating weight copies and (x, thresholds) pools for one (K, N, B, dtype)."""
+
+    def __init__(self, K, N, dtype=torch.bfloat16):
+        self.K, self.N, self.dtype = K, N, dtype
+        nbytes = K * N * torch.finfo(dtype).bits // 8
+        self.copies = copy_count(nbytes)
+        base = torch.randn(K, N, device=DEVICE, dtype=dtype) / math.sqrt(K)
+        self.w_ts = [base] + [base.clone() for _ in range(self.copies - 1)]  # [K, N] each
+        self.ws = [w.t().contiguous() for w in self.w_ts]  # [N, K] (nn.Linear layout)
+        self.calls = self.copies * math.ceil(24 / self.copies)
+
+    def free(self):
+        del self.w_ts, self.ws
+        torch.cuda.empty_cache()
+
+    def time_sparse(self, B, s, config=None, seed=0):
+        xs, thrs, kept = make_inputs(self.K, B, s, self.calls, self.dtype, seed)
+        calls = [
+            (lambda i=i: sg._sparse_gemv_impl(xs[i], self.w_ts[i % self.copies], thrs[i], config=config))
+            for i in range(self.calls)
+        ]
+        us = graph_time_us(calls)
+        rows = statistics.mean(kept)
+        return us, rows
+
+    def time_dense(self, B, seed=0):
+        xs, _, _ = make_inputs(self.K, B, 0.0, self.calls, self.dtype, seed)
+        lin = [(lambda i=i: F.linear(xs[i], self.ws[i % self.copies])) for i in range(self.calls)]
+        mm = [(lambda i=i: torch.matmul(xs[i], self.w_ts[i % self.copies])) for i in range(self.calls)]
+        return graph_time_us(lin), graph_time_us(mm)
+
+
+def row_record(name, K, N, B, s, us, rows_read, dense, elem_bytes, ceiling):
+    bytes_read = rows_read * N * elem_bytes
+    dense_us = min(dense)
+    return {
+        "shape": name, "K": K, "N": N, "B": B, "target_sparsity": s,
+        "union_sparsity": round(1 - rows_read / K, 4),
+        "us": round(us, 2), "dense_us": round(dense_us, 2),
+        "dense_linear_us": round(dense[0], 2), "dense_matmul_us": round(dense[1], 2),
+        "speedup": round(dense_us / us, 3),
+        "eff_tb_s": round(bytes_read / (us * 1e-6) / 1e12, 3),
+        "pct_copy_ceiling": round(100 * bytes_read / (us * 1e-6) / 1e12 / ceiling, 1),
+        "dense_tb_s": round(K * N * elem_bytes / (dense_us * 1e-6) / 1e12, 3),
+    }
+
+
+def run_sweep(ceiling, quick) -> dict:
+    shapes = {**SHAPES, "prosparse-13b.down": (13824, 5120)}
+    del shapes["llama2-7b.o"]
+    if quick:
+        shapes = {k: shapes[k] for k in ("llama3-8b.o", "llama3-8b.gate_up")}
+    out = {"b1": [], "batched": []}
+    for name, (K, N) in shapes.items():
+        prob = Problem(K, N)
+        for s in (0.0, 0.5, 0.9):
+            times = {}
+            for cfg in SWEEP_B1:
+                times[str(cfg)], _ = prob.time_sparse(1, s, cfg, seed=1)
+            best = min(times, key=times.get)
+            default = str(pick_config(K, N, 1))
+            out["b1"].append({"shape": name, "s": s, "times_us": {k: round(v, 2) for k, v in times.items()},
+                              "best": best, "default": default,
+                              "default_over_best": round(times.get(default, float("nan")) / times[best], 3)})
+            log(f"sweep B=1 {name:20s} s={s:.1f} best {best} {times[best]:.2f} us; default {default} "
+                f"x{out['b1'][-1]['default_over_best']}")
+        if name in BATCH_SHAPES:
+            for B in BATCHES:
+                times = {}
+                for cfg in SWEEP_BATCHED:
+                    times[str(cfg)], _ = prob.time_sparse(B, 0.5, cfg, seed=2)
+                best = min(times, key=times.get)
+                default = str(pick_config(K, N, B))
+                out["batched"].append({"shape": name, "B": B, "s": 0.5, "times_us": {k: round(v, 2) for k, v in times.items()},
+                                       "best": best, "default": default,
+                                       "default_over_best": round(times.get(default, float("nan")) / times[best], 3)})
+                log(f"sweep B={B} {name:20s} s=0.5 best {best} {times[best]:.2f} us; default {default} "
+                    f"x{out['batched'][-1]['default_over_best']}")
+        prob.free()
+    return out
+
+
+def run_benchmark(ceiling, quick) -> list:
+    rows = []
+    shapes = dict(SHAPES)
+    sparsities = SPARSITIES if not quick else (0.0, 0.5, 0.9)
+    done = {}
+    for name, (K, N) in list(shapes.items()) + [(k, v[0]) for k, v in PROSPARSE.items()]:
+        if quick and name not in ("llama3-8b.o", "llama3-8b.gate_up", "prosparse-7b.down"):
+            continue
+        prob = Problem(K, N)
+        elem = 2
+        batches = [1] + (list(BATCHES) if name in BATCH_SHAPES else [])
+        for B in batches:
+            dense = prob.time_dense(B, seed=3)
+            if B == 1:
+                svals = PROSPARSE[name][1] if name in PROSPARSE else sparsities
+            else:
+                svals = (0.5,)
+            for s in svals:
+                key = (K, N, B, s)
+                if key in done:  # same problem under another model's name: reuse the timing
+                    us, rows_read = done[key]
+                else:
+                    us, rows_read = prob.time_sparse(B, s, seed=4)
+                    done[key] = (us, rows_read)
+                rec = row_record(name, K, N, B, s, us, rows_read, dense, elem, ceiling)
+                rows.append(rec)
+                log(f"{name:20s} B={B} s={s:4.2f} (union {rec['union_sparsity']:.3f}) {rec['us']:8.2f} us  "
+                    f"dense {rec['dense_us']:8.2f} us  x{rec['speedup']:.2f}  {rec['eff_tb_s']:.2f} TB/s "
+                    f"({rec['pct_copy_ceiling']:.0f}% of copy)")
+        prob.free()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/sparse_gemv_h100.json")
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_sparse_gemv needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    doc = {"benchmark": "sparse_gemv", **env_header(), "command": "python " + " ".join(sys.argv)}
+    t0 = time.time()
+    gate = correctness_gate(SWEEP_B1 + SWEEP_BATCHED if args.sweep else [])
+    doc["gate"] = gate
+    log(f"gate: ok={gate['ok']} cases={gate['n_cases']} max_err_16bit={gate['max_err_16bit']:.2e} "
+        f"graph_ok={gate['cuda_graph_ok']} compile_ok={gate.get('compile_ok')} "
+        f"{gate.get('compile_error', '')} ({time.time() - t0:.0f}s)")
+    for bad in gate["failed"]:
+        log(f"  FAILED {bad}")
+    if not gate["ok"]:
+        log("correctness gate failed: no timings")
+        save_json(doc, args.out)
+        print_json_last(doc)
+        return 1
+    ceiling = copy_ceiling_tb_s()
+    doc["copy_ceiling"] = ceiling
+    log(f"copy ceiling: {ceiling['tb_s']:.3f} TB/s (read+write)")
+    if args.sweep:
+        doc["sweep"] = run_sweep(ceiling["tb_s"], args.quick)
+        save_json(doc, args.out)  # keep the sweep even if the run is cut short later
+        log(f"sweep done ({time.time() - t0:.0f}s)")
+    doc["rows"] = run_benchmark(ceiling["tb_s"], args.quick)
+    doc["elapsed_s"] = round(time.time() - t0, 1)
+    save_json(doc, args.out)
+    if os.environ.get("OUT"):
+        save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
+    summary = {k: doc[k] for k in ("benchmark", "gpu", "torch", "triton", "date", "commit", "elapsed_s")}
+    summary["copy_ceiling_tb_s"] = round(ceiling["tb_s"], 3)
+    summary["rows"] = [[r["shape"], r["B"], r["union_sparsity"], r["us"], r["dense_us"], r["speedup"], r["eff_tb_s"]]
+                       for r in doc["rows"]]
+    print_json_last(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

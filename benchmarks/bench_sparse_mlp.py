@@ -1,0 +1,435 @@
+"""Benchmark: output-sparse gate/up (ProSparse step 2, CATS) and input-sparse down (step 3).
+
+Run on a GPU (from the repo root):
+
+    PYTHONPATH=. python benchmarks/bench_sparse_mlp.py --json benchmarks/results/sparse_mlp_h100.json
+
+Order: environment -> correctness gate (every kernel config, shape and mode that is timed is
+first checked against the pure-PyTorch reference; nothing is timed on a red gate) -> measured
+copy ceiling -> tile sweep -> (a) ProSparse settings (LLaMA-2-7B/13B MLPs, bf16, batch 1, 67% and
+89% sparsity): step 2 with and without a predictor row mask, step 3, each against dense cuBLAS
+in the same run -> (b) Llama-3-8B SwiGLU gate sparsity sweep. The last line of output is one
+JSON document (the full results are also written to --json).
+
+Timing: triton.testing.do_bench median, which clears the 50 MB L2 (a 256 MB write) before
+every call, so each call reads its weights from HBM. Random weights, random inputs (never zeros).
+
+``--smoke`` runs tiny shapes through the Triton interpreter on the CPU (wall-clock timing, for
+checking the script itself; its numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment header, timing and copy ceiling. benchmarks/common.py (helper "kernels-gemv") did not
+# exist when this was written; these private helpers stand in for it.
+# ----------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = Path(".git/HEAD")
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (Path(".git") / ref[5:]).read_text().strip()[:7]
+        return ref[:7]
+    except OSError:
+        return "unknown"
+
+
+def env_header() -> dict:
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+    }
+
+
+def bench_ms(fn, smoke: bool) -> float:
+    """Median milliseconds of fn() with the L2 cleared before each call (triton do_bench)."""
+    if smoke:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def copy_ceiling_gbps(smoke: bool) -> float:
+    """Device-to-device copy bandwidth, bytes read + written (the roofline we compare to)."""
+    n = (1 << 16) if smoke else (1 << 29)  # 1 GiB of bf16 each way on the GPU
+    device = "cpu" if smoke else "cuda"
+    src = torch.randn(n, device=device).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), smoke)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem construction
+# ----------------------------------------------------------------------------------------------
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    denom = ref.norm().item()
+    diff = (out.double() - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def make_mlp(d_model: int, d_ff: int, dtype, device, seed: int) -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
+    w_gate = (torch.randn(d_ff, d_model, generator=g, device=device) * d_model**-0.5).to(dtype)  # [F, D]
+    w_up = (torch.randn(d_ff, d_model, generator=g, device=device) * d_model**-0.5).to(dtype)  # [F, D]
+    w_down = (torch.randn(d_model, d_ff, generator=g, device=device) * d_ff**-0.5).to(dtype)  # [D, F]
+    return {
+        "w_gate": w_gate,
+        "w_up": w_up,
+        "w_gate_up": torch.cat([w_gate, w_up]).contiguous(),  # [2F, D]: dense step 2 in one GEMV
+        "w_down": w_down,
+        "w_down_t": w_down.T.contiguous(),  # [F, D]: input-sparse layout for sparse_gemv
+    }
+
+
+def threshold_for_sparsity(x: torch.Tensor, w_gate: torch.Tensor, activation: str, sparsity: float) -> float:
+    """Scalar threshold on |act(gate)| leaving `sparsity` of the neurons zero (batch 1)."""
+    from actsparse.kernels.sparse_mlp import _activation_torch
+
+    a = _activation_torch(x.float() @ w_gate.float().T, activation).abs().flatten()
+    vals = a.sort().values
+    i = min(int(round(sparsity * vals.numel())), vals.numel() - 1)
+    lo = vals[i - 1].item() if i > 0 else 0.0
+    return 0.5 * (lo + vals[i].item())  # midway between neighbours: no ties
+
+
+def dense_step2(x, mlp, activation):
+    from actsparse.kernels.sparse_mlp import _activation_torch
+
+    gu = F.linear(x, mlp["w_gate_up"])  # [B, 2F] (cuBLAS)
+    g, u = gu.chunk(2, dim=-1)
+    return _activation_torch(g, activation) * u
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+SWEEP_CONFIGS = [  # (block_f, block_k, num_warps)
+    (1, 2048, 4), (1, 4096, 4), (2, 2048, 4), (4, 1024, 4), (4, 2048, 4),
+    (8, 512, 4), (8, 1024, 8), (16, 256, 4), (32, 128, 4),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None, help="write the full results here")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter, no real timing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 2
+
+    from actsparse.kernels.sparse_gemv import sparse_gemv, sparse_gemv_reference
+    from actsparse.kernels.sparse_mlp import (
+        GateUpConfig, _check_inputs, _launch_sparse_gate_up, default_config, sparse_gate_up,
+        sparse_gate_up_reference,
+    )
+
+    smoke = args.smoke
+    device = "cpu" if smoke else "cuda"
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    results: dict = {"env": env_header(), "bench": "sparse_mlp"}
+    print(json.dumps(results["env"]))
+
+    def run_cfg(x, mlp, thr, activation, row_mask, cfg):
+        f = mlp["w_gate"].shape[0]
+        h = torch.empty((x.shape[0], f), dtype=x.dtype, device=x.device)
+        _launch_sparse_gate_up(x, mlp["w_gate"], mlp["w_up"], thr, activation, row_mask, h, config=cfg)
+        return h
+
+    # ---------------- correctness gate ----------------
+    gate_rows = []
+    failures = []
+
+    def check(name, out, ref, tol=1e-2):
+        err = rel_err(out, ref)
+        nan = bool(torch.isnan(out).any())
+        zeros_agree = bool(torch.equal(out == 0, ref == 0))
+        ok = (err < tol) and not nan
+        gate_rows.append({"case": name, "rel_err": err, "zeros_agree": zeros_agree, "ok": ok})
+        if not ok:
+            failures.append(name)
+
+    odd = [(3, 1000, 3001), (1, 4095, 1377), (8, 640, 2050)] if not smoke else [(3, 67, 45), (8, 33, 20)]
+    for b, k, f in odd:
+        mlp = make_mlp(k, f, dtype, device, seed=b * 7 + k)
+        for activation in ("silu", "gelu_tanh", "relu"):
+            for use_mask in (False, True):
+                x = torch.randn(b, k, device=device).to(dtype)
+                thr_val = threshold_for_sparsity(x[:1], mlp["w_gate"], activation, 0.6)
+                thr = torch.full((f,), thr_val, device=device) * (0.5 + torch.rand(f, device=device))
+                row_mask = (torch.rand(f, device=device) < 0.5) if use_mask else None
+                _check_inputs(x, mlp["w_gate"], mlp["w_up"], thr, activation, row_mask)
+                h = torch.full((b, f), float("nan"), dtype=dtype, device=device)
+                _launch_sparse_gate_up(x, mlp["w_gate"], mlp["w_up"], thr, activation, row_mask, h)
+                ref = sparse_gate_up_reference(x, mlp["w_gate"], mlp["w_up"], thr, activation, row_mask)
+                check(f"gate_up B{b}-K{k}-F{f}-{activation}-{'mask' if use_mask else 'nomask'}", h, ref)
+        x = torch.randn(b, k, device=device).to(dtype)
+        x = torch.where(torch.rand_like(x.float()) < 0.7, torch.zeros_like(x), x)  # [B, K], 70% zeros
+        w_t = (torch.randn(k, f, device=device) * k**-0.5).to(dtype)  # [K, N]
+        check(f"gemv B{b}-K{k}-N{f}", sparse_gemv(x, w_t, None), sparse_gemv_reference(x, w_t, None))
+    if not smoke:
+        x = torch.randn(2, 256, device=device).to(dtype)
+        mlp = make_mlp(256, 320, dtype, device, seed=5)
+        try:
+            torch.library.opcheck(
+                torch.ops.actsparse.sparse_gate_up.default,
+                (x, mlp["w_gate"], mlp["w_up"], torch.full((320,), 0.1, device=device), "silu",
+                 torch.rand(320, device=device) < 0.5),
+            )
+            gate_rows.append({"case": "opcheck sparse_gate_up (all test_utils)", "ok": True})
+        except Exception as exc:  # noqa: BLE001 - recorded, fails the gate
+            gate_rows.append({"case": "opcheck sparse_gate_up", "ok": False, "error": str(exc)[:300]})
+            failures.append("opcheck")
+
+    # ---------------- benchmark problems ----------------
+    if smoke:
+        prosparse_shapes = {"llama2-7b": (64, 176), "llama2-13b": (80, 224)}
+        llama3_shape = (64, 224)
+    else:
+        prosparse_shapes = {"llama2-7b": (4096, 11008), "llama2-13b": (5120, 13824)}
+        llama3_shape = (4096, 14336)
+    mlps = {name: make_mlp(d, f, dtype, device, seed=i) for i, (name, (d, f)) in enumerate(prosparse_shapes.items())}
+    mlps["llama3-8b"] = make_mlp(*llama3_shape, dtype, device, seed=9)
+
+    def problem(name, activation, sparsity, use_mask):
+        """x [1, D], scalar threshold for the sparsity, oracle row mask (= the active neurons)."""
+        mlp = mlps[name]
+        d, f = mlp["w_down"].shape
+        x = torch.randn(1, d, device=device).to(dtype)
+        thr_val = threshold_for_sparsity(x, mlp["w_gate"], activation, sparsity)
+        thr = torch.full((f,), thr_val, device=device)
+        ref = sparse_gate_up_reference(x, mlp["w_gate"], mlp["w_up"], thr, activation)
+        active = ref[0] != 0  # [F]
+        row_mask = active.clone() if use_mask else None
+        return x, thr, row_mask, ref, active
+
+    # every config/mode that will be timed is checked first
+    sweep_cases = []
+    for name in mlps:
+        sweep_cases.append((name, "relu", 0.89, True))
+        sweep_cases.append((name, "relu", 0.89, False))
+        sweep_cases.append((name, "silu", 0.5, False))
+    configs = [GateUpConfig(*c) for c in SWEEP_CONFIGS]
+    problems = {}
+    for case in sweep_cases:
+        name, activation, sparsity, use_mask = case
+        x, thr, row_mask, ref, active = problem(*case)
+        problems[case] = (x, thr, row_mask, active)
+        for cfg in configs + [None]:
+            h = run_cfg(x, mlps[name], thr, activation, row_mask, cfg)
+            check(f"sweep {name}-{activation}-s{int(sparsity * 100)}-{'mask' if use_mask else 'nomask'}-{cfg}", h, ref)
+    for name in mlps:  # step 3 on the real step-2 output
+        x, thr, row_mask, active = problems[(name, "relu", 0.89, True)]
+        h = sparse_gate_up(x, mlps[name]["w_gate"], mlps[name]["w_up"], thr, "relu", row_mask)
+        check(f"step3 {name}", sparse_gemv(h, mlps[name]["w_down_t"], None),
+              sparse_gemv_reference(h, mlps[name]["w_down_t"], None))
+        check(f"dense-vs-ref step3 {name}", F.linear(h, mlps[name]["w_down"]),
+              sparse_gemv_reference(h, mlps[name]["w_down_t"], None))
+    results["correctness"] = gate_rows
+    print(f"correctness gate: {len(gate_rows) - len(failures)}/{len(gate_rows)} passed;"
+          f" max rel err {max(r.get('rel_err', 0.0) for r in gate_rows):.2e}")
+    if failures:
+        print("GATE FAILED, no timings:", failures)
+        results["gate_failed"] = failures
+        print(json.dumps({"bench": "sparse_mlp", "env": results["env"], "gate_failed": failures}))
+        return 1
+
+    # ---------------- copy ceiling ----------------
+    ceiling = copy_ceiling_gbps(smoke)
+    results["copy_ceiling_gbps"] = ceiling
+    print(f"copy ceiling (read+write): {ceiling:.0f} GB/s")
+
+    def gbps(nbytes, ms):
+        return nbytes / (ms * 1e-3) / 1e9
+
+    # ---------------- tile sweep (B=1) ----------------
+    sweep = []
+    best_cfg = {}
+    for case in sweep_cases:
+        name, activation, sparsity, use_mask = case
+        x, thr, row_mask, active = problems[case]
+        mlp = mlps[name]
+        timings = {}
+        for cfg in configs + [None]:
+            label = "default" if cfg is None else f"{cfg.block_f}x{cfg.block_k}w{cfg.num_warps}"
+            timings[label] = bench_ms(lambda: run_cfg(x, mlp, thr, activation, row_mask, cfg), smoke) * 1e3
+        best = min((v, k) for k, v in timings.items() if k != "default")
+        best_cfg[case] = configs[[f"{c.block_f}x{c.block_k}w{c.num_warps}" for c in configs].index(best[1])]
+        sweep.append({"case": f"{name}-{activation}-s{int(sparsity * 100)}-{'mask' if use_mask else 'nomask'}",
+                      "us": timings, "best": best[1], "default_cfg": str(default_config(1, *mlp["w_gate"].shape[::-1]))})
+        print(f"sweep {sweep[-1]['case']:32s} " + " ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    results["sweep_us"] = sweep
+
+    # ---------------- (a) ProSparse settings ----------------
+    prosparse = []
+    for name in prosparse_shapes:
+        mlp = mlps[name]
+        d, f = mlp["w_down"].shape
+        for sparsity in (0.67, 0.89):
+            x, thr, row_mask, ref, active = problem(name, "relu", sparsity, True)
+            n_active = int(active.sum())
+            cfg_mask = best_cfg[(name, "relu", 0.89, True)]
+            cfg_nomask = best_cfg[(name, "relu", 0.89, False)]
+            h = sparse_gate_up(x, mlp["w_gate"], mlp["w_up"], thr, "relu", row_mask)  # [1, F]
+            t = {
+                "dense_step2": bench_ms(lambda: dense_step2(x, mlp, "relu"), smoke),
+                "dense_step2_gemv_only": bench_ms(lambda: F.linear(x, mlp["w_gate_up"]), smoke),
+                "sparse_step2_mask": bench_ms(lambda: sparse_gate_up(x, mlp["w_gate"], mlp["w_up"], thr, "relu", row_mask), smoke),
+                "sparse_step2_mask_tuned": bench_ms(lambda: run_cfg(x, mlp, thr, "relu", row_mask, cfg_mask), smoke),
+                "sparse_step2_nomask": bench_ms(lambda: sparse_gate_up(x, mlp["w_gate"], mlp["w_up"], thr, "relu"), smoke),
+                "sparse_step2_nomask_tuned": bench_ms(lambda: run_cfg(x, mlp, thr, "relu", None, cfg_nomask), smoke),
+                "dense_step3": bench_ms(lambda: F.linear(h, mlp["w_down"]), smoke),
+                "sparse_step3": bench_ms(lambda: sparse_gemv(h, mlp["w_down_t"], None), smoke),
+                "dense_mlp": bench_ms(lambda: F.linear(dense_step2(x, mlp, "relu"), mlp["w_down"]), smoke),
+                "sparse_mlp_mask": bench_ms(lambda: sparse_gemv(sparse_gate_up(x, mlp["w_gate"], mlp["w_up"], thr, "relu", row_mask), mlp["w_down_t"], None), smoke),
+            }
+            us = {k: v * 1e3 for k, v in t.items()}
+            row_bytes = d * 2
+            bytes_read = {
+                "dense_step2": 2 * f * row_bytes,
+                "sparse_step2_mask": 2 * n_active * row_bytes,
+                "sparse_step2_nomask": (f + n_active) * row_bytes,
+                "dense_step3": f * row_bytes,
+                "sparse_step3": n_active * row_bytes,
+            }
+            row = {
+                "shape": name, "d_model": d, "d_ff": f, "sparsity_target": sparsity,
+                "sparsity_actual": 1 - n_active / f, "us": us,
+                "tuned_cfg_mask": str(cfg_mask), "tuned_cfg_nomask": str(cfg_nomask),
+                "speedup": {
+                    "step2_mask": us["dense_step2"] / us["sparse_step2_mask"],
+                    "step2_mask_tuned": us["dense_step2"] / us["sparse_step2_mask_tuned"],
+                    "step2_mask_vs_gemv_only": us["dense_step2_gemv_only"] / us["sparse_step2_mask"],
+                    "step2_nomask": us["dense_step2"] / us["sparse_step2_nomask"],
+                    "step2_nomask_tuned": us["dense_step2"] / us["sparse_step2_nomask_tuned"],
+                    "step3": us["dense_step3"] / us["sparse_step3"],
+                    "mlp_mask": us["dense_mlp"] / us["sparse_mlp_mask"],
+                },
+                "byte_bound_speedup": {
+                    "step2_mask": bytes_read["dense_step2"] / bytes_read["sparse_step2_mask"],
+                    "step2_nomask": bytes_read["dense_step2"] / bytes_read["sparse_step2_nomask"],
+                    "step3": bytes_read["dense_step3"] / bytes_read["sparse_step3"],
+                },
+                "gbps": {
+                    "dense_step2_gemv_only": gbps(bytes_read["dense_step2"], t["dense_step2_gemv_only"]),
+                    "sparse_step2_mask": gbps(bytes_read["sparse_step2_mask"], t["sparse_step2_mask"]),
+                    "sparse_step2_nomask": gbps(bytes_read["sparse_step2_nomask"], t["sparse_step2_nomask"]),
+                    "dense_step3": gbps(bytes_read["dense_step3"], t["dense_step3"]),
+                    "sparse_step3": gbps(bytes_read["sparse_step3"], t["sparse_step3"]),
+                },
+            }
+            row["goal_4x_met"] = {"step2_mask": row["speedup"]["step2_mask"] >= 4, "step3": row["speedup"]["step3"] >= 4}
+            prosparse.append(row)
+            sp = row["speedup"]
+            print(f"{name} s={row['sparsity_actual']:.3f}: dense2 {us['dense_step2']:.1f}us "
+                  f"(gemv {us['dense_step2_gemv_only']:.1f}) | mask {us['sparse_step2_mask']:.1f}us {sp['step2_mask']:.2f}x "
+                  f"(tuned {sp['step2_mask_tuned']:.2f}x) | nomask {us['sparse_step2_nomask']:.1f}us {sp['step2_nomask']:.2f}x | "
+                  f"dense3 {us['dense_step3']:.1f}us sparse3 {us['sparse_step3']:.1f}us {sp['step3']:.2f}x | "
+                  f"mlp {sp['mlp_mask']:.2f}x")
+    results["prosparse"] = prosparse
+
+    # ---------------- (b) Llama-3-8B SwiGLU (CATS-style, no predictor) ----------------
+    llama3 = []
+    mlp = mlps["llama3-8b"]
+    d, f = mlp["w_down"].shape
+    cfg_l3 = best_cfg[("llama3-8b", "silu", 0.5, False)]
+    for sparsity in (0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        x, thr, _, ref, active = problem("llama3-8b", "silu", sparsity, False)
+        n_active = int(active.sum())
+        t_dense = bench_ms(lambda: dense_step2(x, mlp, "silu"), smoke)
+        t_gemv = bench_ms(lambda: F.linear(x, mlp["w_gate_up"]), smoke)
+        t_sparse = bench_ms(lambda: sparse_gate_up(x, mlp["w_gate"], mlp["w_up"], thr, "silu"), smoke)
+        t_tuned = bench_ms(lambda: run_cfg(x, mlp, thr, "silu", None, cfg_l3), smoke)
+        nbytes = (f + n_active) * d * 2
+        row = {
+            "sparsity_target": sparsity, "sparsity_actual": 1 - n_active / f,
+            "us": {"dense_step2": t_dense * 1e3, "dense_gemv_only": t_gemv * 1e3, "sparse": t_sparse * 1e3,
+                   "sparse_tuned": t_tuned * 1e3},
+            "speedup": t_dense / t_sparse, "speedup_tuned": t_dense / t_tuned,
+            "speedup_vs_gemv_only": t_gemv / t_sparse,
+            "byte_bound_speedup": 2 * f / (f + n_active),
+            "gbps": gbps(nbytes, t_sparse), "gbps_tuned": gbps(nbytes, t_tuned),
+            "share_of_copy_ceiling": gbps(nbytes, min(t_sparse, t_tuned)) / ceiling,
+            "dense_gbps": gbps(2 * f * d * 2, t_gemv),
+        }
+        llama3.append(row)
+        print(f"llama3-8b s={row['sparsity_actual']:.2f}: dense {t_dense * 1e3:.1f}us (gemv {t_gemv * 1e3:.1f}) "
+              f"sparse {t_sparse * 1e3:.1f}us tuned {t_tuned * 1e3:.1f}us -> {row['speedup']:.2f}x "
+              f"(bound {row['byte_bound_speedup']:.2f}x), {row['gbps']:.0f} GB/s "
+              f"= {100 * row['share_of_copy_ceiling']:.0f}% of copy")
+    results["llama3_8b_swiglu"] = llama3
+
+    # batch > 1, default tiles (not a goal; how far the decode kernel stretches)
+    batch_rows = []
+    for b in (2, 4, 8):
+        xb = torch.randn(b, d, device=device).to(dtype)
+        thr_val = threshold_for_sparsity(xb[:1], mlp["w_gate"], "silu", 0.5)
+        t_sparse = bench_ms(lambda: sparse_gate_up(xb, mlp["w_gate"], mlp["w_up"], thr_val, "silu"), smoke)
+        t_dense = bench_ms(lambda: dense_step2(xb, mlp, "silu"), smoke)
+        union = float((sparse_gate_up_reference(xb, mlp["w_gate"], mlp["w_up"], thr_val, "silu") != 0).any(0).float().mean())
+        batch_rows.append({"batch": b, "per_row_sparsity": 0.5, "up_rows_read_frac": union,
+                           "us_sparse": t_sparse * 1e3, "us_dense": t_dense * 1e3, "speedup": t_dense / t_sparse})
+        print(f"llama3-8b B={b} s=0.5/row (up rows read {union:.2f}): sparse {t_sparse * 1e3:.1f}us "
+              f"dense {t_dense * 1e3:.1f}us -> {t_dense / t_sparse:.2f}x")
+    results["llama3_8b_batch"] = batch_rows
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    summary = {
+        "bench": "sparse_mlp", **{k: results["env"][k] for k in ("gpu", "torch", "triton", "date", "commit")},
+        "copy_ceiling_gbps": round(ceiling, 1),
+        "prosparse": [{"shape": r["shape"], "s": round(r["sparsity_actual"], 3),
+                       "step2_mask_x": round(r["speedup"]["step2_mask"], 2),
+                       "step2_mask_tuned_x": round(r["speedup"]["step2_mask_tuned"], 2),
+                       "step2_nomask_x": round(r["speedup"]["step2_nomask"], 2),
+                       "step3_x": round(r["speedup"]["step3"], 2), "mlp_x": round(r["speedup"]["mlp_mask"], 2)}
+                      for r in prosparse],
+        "llama3_8b": [{"s": round(r["sparsity_actual"], 2), "x": round(r["speedup"], 2),
+                       "gbps": round(r["gbps"], 0)} for r in llama3],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Tests of the ReLU path (actsparse.relu) on tiny random models of every supported family, CPU only."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from actsparse.errors import ActsparseError
+from actsparse.relu import (
+    FATReLU,
+    FatThresholdConfig,
+    L1Schedule,
+    ReLUAfterNorm,
+    ReluConfig,
+    TrainConfig,
+    activation_modules,
+    evaluate_relu,
+    fat_thresholds,
+    load_relufied,
+    relufy_,
+    relufy_and_train,
+    save_relufied,
+    select_fat_threshold_,
+    set_fat_thresholds_,
+    train_relu,
+)
+
+VOCAB = 96
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    """A 2-layer random model of ``family``, built in code (nothing loaded from disk or a hub)."""
+    import transformers as tf
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128)
+    config = {
+        "llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig,
+    }[family](**common)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    # HF initialises norms to 1 (or 0 for Gemma's 1 + w); jitter them so a misplaced ReLU shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer: one token per byte (mod the tiny vocabulary)."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": [b % VOCAB for b in text.encode()]}
+
+    def save_pretrained(self, path):
+        pass
+
+
+TEXT = " ".join(f"word{i % 37} thing{(i * 7) % 11} and {i % 5}." for i in range(400))
+
+
+def random_ids(n_batch=2, n_tokens=12, seed=1):
+    return torch.randint(0, VOCAB, (n_batch, n_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+# --- FATReLU and relufy_ ------------------------------------------------------------------------
+
+def test_fatrelu_semantics():
+    act = FATReLU(0.5)
+    x = torch.tensor([-1.0, 0.0, 0.25, 0.5, 0.5001, 2.0], requires_grad=True)
+    y = act(x)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5001, 2.0]))  # zero at and below T
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 0, 0, 0, 1, 1]))  # identity above T
+    assert "threshold" in dict(act.named_buffers())
+    sd = act.state_dict()
+    assert sd["threshold"].dtype == torch.float32 and sd["threshold"].item() == 0.5
+    other = FATReLU(0.0)
+    other.load_state_dict(sd)  # the threshold travels with state_dict
+    assert other.threshold.item() == 0.5
+    z = torch.randn(1000)
+    assert torch.equal(FATReLU(0.0)(z), torch.relu(z))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relufy_zero_threshold_is_plain_relu(family):
+    model = tiny_model(family)
+    reference = copy.deepcopy(model)
+    for layer in reference.model.layers:
+        layer.mlp.act_fn = nn.ReLU()
+    ids = random_ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        relufy_(model, ReluConfig(threshold=0.0))
+        after = model(ids).logits
+        expected = reference(ids).logits
+    assert all(isinstance(m, FATReLU) for m in activation_modules(model).values())
+    assert torch.equal(after, expected)  # exact
+    assert not torch.allclose(before, after)  # the activation did change (SiLU/GELU -> ReLU)
+    field = "hidden_activation" if family.startswith("gemma") else "hidden_act"
+    assert getattr(model.config, field) == "relu"
+
+
+@pytest.mark.parametrize("family", ("llama", "gemma2"))
+def test_thresholds_in_state_dict_and_per_layer(family):
+    model = tiny_model(family)
+    names = list(activation_modules(model))
+    relufy_(model, ReluConfig(threshold=0.01, layer_thresholds={names[1]: 0.02}))
+    assert fat_thresholds(model) == {names[0]: pytest.approx(0.01), names[1]: pytest.approx(0.02)}
+    sd = model.state_dict()
+    assert sd[f"{names[0]}.threshold"].item() == pytest.approx(0.01)
+    fresh = relufy_(tiny_model(family, seed=5), ReluConfig())
+    fresh.load_state_dict(sd)
+    assert fat_thresholds(fresh) == fat_thresholds(model)
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    with pytest.raises(ActsparseError):
+        relufy_(model, ReluConfig(layer_thresholds={"model.layers.9.mlp.act_fn": 0.1}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relu_after_norm_inserts_where_intended(family):
+    model = tiny_model(family)
+    relufy_(model, ReluConfig(relu_after_norm=True))
+    relufy_(model, ReluConfig(relu_after_norm=True))  # idempotent: no double wrapping
+    mlp_norm = "pre_feedforward_layernorm" if family.startswith("gemma") else "post_attention_layernorm"
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, ReLUAfterNorm))
+    expected = sorted(f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", mlp_norm))
+    assert wrapped == expected
+    assert not any(isinstance(m.norm, ReLUAfterNorm) for m in model.modules() if isinstance(m, ReLUAfterNorm))
+
+    seen = {}
+    hooks = [model.get_submodule(f"model.layers.1.{n}").register_forward_hook(
+        lambda m, i, o, n=n: seen.__setitem__(n, o)) for n in ("self_attn.q_proj", "mlp.gate_proj")]
+    hooks += [model.get_submodule(f"model.layers.1.{n}").register_forward_pre_hook(
+        lambda m, i, n=n: seen.__setitem__(n + ".in", i[0])) for n in ("self_attn.q_proj", "mlp.gate_proj")]
+    with torch.no_grad():
+        model(random_ids())
+    for h in hooks:
+        h.remove()
+    for n in ("self_attn.q_proj", "mlp.gate_proj"):
+        x = seen[n + ".in"]
+        assert x.min() >= 0 and (x == 0).float().mean() > 0.2, n  # sparse, non-negative inputs
+    # The norms that do not feed a linear (Gemma's post-attention / post-feedforward) stay untouched.
+    if family.startswith("gemma"):
+        layer = model.model.layers[0]
+        assert not isinstance(layer.post_attention_layernorm, ReLUAfterNorm)
+        assert not isinstance(layer.post_feedforward_layernorm, ReLUAfterNorm)
+
+
+@pytest.mark.parametrize("relu_after_norm", (False, True))
+def test_save_and_load_relufied(tmp_path, relu_after_norm):
+    from transformers import AutoModelForCausalLM
+
+    model = relufy_(tiny_model("qwen2"), ReluConfig(threshold=0.003, relu_after_norm=relu_after_norm))
+    save_relufied(model, None, tmp_path)
+    info = json.loads((tmp_path / "actsparse_relu.json").read_text())
+    assert info["relu_after_norm"] is relu_after_norm
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # an HF-compatible folder
+    assert plain.config.hidden_act == "relu"
+    for key, value in plain.state_dict().items():  # every HF weight was saved under its own name
+        src = key.replace("layernorm.", "layernorm.norm.") if relu_after_norm and (
+            "input_layernorm" in key or "post_attention_layernorm" in key) else key
+        assert torch.equal(value, model.state_dict()[src]), key
+    loaded, _, _ = load_relufied(tmp_path)
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert fat_thresholds(loaded) == fat_thresholds(model)
+
+
+# --- L1 schedule ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ("sine", "cosine"))
+def test_l1_schedule(shape):
+    sched = L1Schedule(stages=[(10, 0.0), (20, 0.5), (15, 2.0)], shape=shape)
+    assert sched.total_steps == 45
+    values = [sched.factor(s) for s in range(60)]
+    assert values[0] == 0.0
+    assert all(b >= a for a, b in zip(values, values[1:]))  # monotone within and across stages
+    assert values[10] == 0.0 and values[30] == pytest.approx(0.5) and values[45] == pytest.approx(2.0)
+    assert values[29] < 0.5 and values[44] < 2.0  # the peak is reached at the stage end, not before
+    assert 0.0 < values[20] < 0.5 and 0.5 < values[37] < 2.0  # smooth rise inside a stage
+    assert values[59] == 2.0  # holds the last peak
+    first = L1Schedule(stages=[(4, 1.0)], shape=shape)
+    assert first.factor(0) == 0.0 and first.factor(4) == 1.0
+    even = L1Schedule.even(100, [0.1, 0.2, 0.4], warmup_steps=10)
+    assert even.total_steps == 100 and even.stages[0] == (10, 0.0)
+
+
+@pytest.mark.parametrize("stages", [[], [(0, 1.0)], [(5, -0.1)], [(5, 1.0), (5, 0.5)], [(5, float("nan"))],
+                                    [(2.5, 1.0)], [(5,)]])
+def test_l1_schedule_rejects_bad_stages(stages):
+    with pytest.raises(ActsparseError):
+        L1Schedule(stages=stages)
+
+
+def test_config_validation():
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ActsparseError):
+            ReluConfig(threshold=bad)
+        with pytest.raises(ActsparseError):
+            FATReLU(bad)
+    with pytest.raises(ActsparseError):
+        ReluConfig(layer_thresholds={"model.layers.0.mlp.act_fn": -1.0})
+    with pytest.raises(ActsparseError):
+        L1Schedule(stages=[(5, 1.0)], shape="linear")
+    with pytest.raises(ActsparseError):
+        TrainConfig(steps=10, batch_size=6, micro_batch_size=4)
+    with pytest.raises(ActsparseError):
+        TrainConfig(steps=10, l1=L1Schedule(stages=[(11, 1.0)]))  # schedule longer than training
+    with pytest.raises(ActsparseError):
+        TrainConfig(steps=0)
+    with pytest.raises(ActsparseError):
+        TrainConfig(steps=10, distill_alpha=1.5)
+    with pytest.raises(ActsparseError):
+        FatThresholdConfig(max_ppl_increase=0.01, target_sparsity=0.9)
+    with pytest.raises(ActsparseError):
+        FatThresholdConfig(max_ppl_increase=None, target_sparsity=1.0)
+    with pytest.raises(ActsparseError):
+        set_fat_thresholds_(tiny_model("llama"), 0.1)  # not relufied
+    with pytest.raises(ActsparseError):
+        set_fat_thresholds_(relufy_(tiny_model("llama")), -0.1)
+
+
+# --- training -------------------------------------------------------------------------------------
+
+def small_train_config(**kw) -> TrainConfig:
+    base = dict(steps=6, seq_len=16, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=1,
+                weight_decay=0.01, l1=L1Schedule(stages=[(2, 0.0), (4, 0.5)]), checkpoint_every=2, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    tok = ByteTokenizer()
+    teacher = tiny_model("llama")
+    config = small_train_config(distill_alpha=0.3)
+
+    straight = relufy_(tiny_model("llama"), ReluConfig())
+    h_straight = train_relu(straight, tok, TEXT, config, checkpoint_dir=tmp_path / "a", teacher=teacher,
+                            progress=False)
+
+    first = relufy_(tiny_model("llama"), ReluConfig())
+    h_first = train_relu(first, tok, TEXT, config, checkpoint_dir=tmp_path / "b", teacher=teacher,
+                         stop_after=3, progress=False)
+    assert len(h_first.step) == 3
+    # A new process would rebuild the model from scratch: use other weights to show they are loaded.
+    resumed = relufy_(tiny_model("llama", seed=9), ReluConfig())
+    h_resumed = train_relu(resumed, tok, TEXT, config, checkpoint_dir=tmp_path / "b", teacher=teacher,
+                           resume=True, progress=False)
+
+    sd_a, sd_b = straight.state_dict(), resumed.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for key in sd_a:
+        assert torch.equal(sd_a[key], sd_b[key]), key
+    assert h_resumed.step == list(range(6)) and h_resumed.loss == h_straight.loss
+    assert not torch.equal(sd_a["model.layers.0.mlp.gate_proj.weight"],
+                           tiny_model("llama").state_dict()["model.layers.0.mlp.gate_proj.weight"])
+    assert not list(tmp_path.glob("*/*.tmp"))  # atomic writes leave no temporary file
+
+    with pytest.raises(ActsparseError, match="other lr"):
+        train_relu(resumed, tok, TEXT, small_train_config(distill_alpha=0.3, lr=1e-3),
+                   checkpoint_dir=tmp_path / "b", teacher=teacher, resume=True, progress=False)
+    with pytest.raises(ActsparseError, match="nothing to resume"):
+        train_relu(resumed, tok, TEXT, config, checkpoint_dir=tmp_path / "c", teacher=teacher, resume=True,
+                   progress=False)
+
+
+def test_l1_raises_sparsity():
+    tok = ByteTokenizer()
+    runs = {}
+    for peak in (0.0, 20.0):
+        model = relufy_(tiny_model("llama"), ReluConfig())
+        config = small_train_config(steps=12, l1=L1Schedule(stages=[(3, peak / 4), (6, peak)]) if peak else None,
+                                    checkpoint_every=0)
+        history = train_relu(model, tok, TEXT, config, progress=False)
+        assert all(math.isfinite(v) for v in history.loss)
+        runs[peak] = evaluate_relu(model, tok, TEXT[:2000], context=32, max_tokens=512)
+    assert runs[20.0].sparsity > runs[0.0].sparsity + 0.1
+
+
+# --- evaluation and FATReLU threshold selection -----------------------------------------------------
+
+def test_evaluate_relu_perplexity_semantics():
+    model = relufy_(tiny_model("mistral"), ReluConfig())
+    tok = ByteTokenizer()
+    ids = torch.tensor(tok(TEXT)["input_ids"][:50])
+    result = evaluate_relu(model, tok, TEXT, context=16, max_tokens=50, batch_size=2)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 50, 16):  # windows 16, 16, 16, 2
+            w = ids[start:start + 16][None]
+            logits = model(w).logits[0, :-1]
+            nll += nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+            count += w.numel() - 1
+    assert result.tokens == count == 46
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert 0.2 < result.sparsity < 0.8  # ReLU of a random gate: about half zeros
+
+
+def test_select_fat_threshold():
+    tok = ByteTokenizer()
+    model = relufy_(tiny_model("qwen3"), ReluConfig())
+    # A random model predicts nearly uniformly whatever its MLPs do: train it so thresholds matter.
+    train_relu(model, tok, TEXT, small_train_config(steps=20, lr=1e-2, l1=None, checkpoint_every=0), progress=False)
+    target = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(max_ppl_increase=None, target_sparsity=0.9,
+                                                                       context=32, max_tokens=512, search_steps=5))
+    assert target.threshold > 0 and set(fat_thresholds(model).values()) == {target.threshold}
+    assert abs(target.sparsity - 0.9) < 0.05
+    per_layer = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(
+        max_ppl_increase=None, target_sparsity=0.8, per_layer=True, context=32, max_tokens=512, search_steps=5))
+    assert abs(per_layer.sparsity - 0.8) < 0.05
+    tol = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(max_ppl_increase=0.002, context=32,
+                                                                    max_tokens=512, search_steps=5))
+    assert tol.base_sparsity < 0.8
+    assert tol.perplexity <= tol.base_perplexity * 1.002
+    assert tol.sparsity >= tol.base_sparsity
+    r = evaluate_relu(model, tok, TEXT, context=32, max_tokens=512, search_steps=5)
+    assert r.perplexity == pytest.approx(tol.perplexity) and r.sparsity == pytest.approx(tol.sparsity)
+    loose = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(max_ppl_increase=10.0, context=32,
+                                                                      max_tokens=512, search_steps=5))
+    assert loose.sparsity > tol.sparsity and loose.sparsity > 0.95
+
+
+def test_relufy_and_train_pipeline(tmp_path):
+    tok = ByteTokenizer()
+    model = tiny_model("gemma3_text")
+    config = small_train_config(steps=4, l1=L1Schedule(stages=[(2, 0.0), (2, 0.5)]), distill_alpha=0.5)
+    result = relufy_and_train(model, tok, TEXT, tmp_path, train=config,
+                              fat=FatThresholdConfig(max_ppl_increase=0.05, context=32, max_tokens=512),
+                              progress=False)
+    assert (tmp_path / "checkpoints" / "checkpoint.pt").exists() and (tmp_path / "config.json").exists()
+    assert len(result.history.step) == 4 and result.fat is not None
+    loaded, _, info = load_relufied(tmp_path)
+    assert fat_thresholds(loaded) == pytest.approx(result.fat.thresholds)
+    assert info["metadata"]["train_config"]["steps"] == 4

@@ -1,0 +1,191 @@
+"""sparse_gemv (Triton, run by the CPU interpreter here) against sparse_gemv_reference.
+
+Every case draws fresh random inputs, poisons the output with NaN so an unwritten element fails,
+and compares with an fp32 reference by relative error ||y - ref|| / ||ref||.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import math
+
+import pytest
+import torch
+
+from actsparse.kernels import sparse_gemv as sg
+from actsparse.kernels.sparse_gemv import (
+    GemvConfig,
+    pick_config,
+    sparse_gemv,
+    sparse_gemv_reference,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests need TRITON_INTERPRET=1"
+)
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def make_case(K, N, B, sparsity, dtype, seed):
+    """x: [B, K] with per-channel scales; per-channel thresholds giving ~`sparsity` zeroed inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.exp(0.5 * torch.randn(K, generator=gen))  # [K]
+    x = (torch.randn(B, K, generator=gen) * scale).to(dtype)
+    w_t = (torch.randn(K, N, generator=gen) / math.sqrt(K)).to(dtype)
+    if sparsity >= 1.0:
+        thresholds = x.float().abs().amax(dim=0)  # strict '>': nothing kept
+    else:
+        # per-row keep probability so that the union over the batch is ~(1 - sparsity)
+        row_sparsity = sparsity ** (1.0 / B)
+        q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + row_sparsity / 2)).item()
+        thresholds = (scale * q).float() if sparsity > 0 else torch.zeros(K)
+    return x, w_t, thresholds.contiguous()
+
+
+def exact(x, w_t, thresholds):
+    """fp32 result without the final rounding (the kernel rounds once; so may the reference)."""
+    x32 = x.float()
+    thr = 0.0 if thresholds is None else thresholds
+    return torch.where(x32.abs() > thr, x32, torch.zeros_like(x32)) @ w_t.float()
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_poisoned(x, w_t, thresholds, **kw):
+    B = x.shape[0] if x.dim() == 2 else 1
+    out = torch.full((B, w_t.shape[1]), float("nan"), dtype=x.dtype)
+    return sg._sparse_gemv_impl(x, w_t, thresholds, out=out, **kw)
+
+
+CASES = [
+    # (K, N, B, sparsity%, dtype): odd sizes everywhere; the large odd shape on fewer cases
+    *[(193, 333, B, s, dt) for B in (1, 3, 8) for s in (0, 50, 99, 100) for dt in (torch.bfloat16, torch.float16)],
+    *[(577, 1001, B, 50, dt) for B in (1, 3, 8) for dt in (torch.bfloat16, torch.float16)],
+    (577, 1001, 1, 0, torch.float32),
+    (577, 1001, 5, 90, torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    "K,N,B,s,dtype", CASES, ids=[f"K{K}-N{N}-B{B}-s{s}-{DTYPE_NAME[dt]}" for K, N, B, s, dt in CASES]
+)
+def test_matches_reference(K, N, B, s, dtype):
+    x, w_t, thresholds = make_case(K, N, B, s / 100, dtype, seed=hash((K, N, B, s)) % 2**31)
+    kept_rows = (x.float().abs() > thresholds).any(dim=0).float().mean().item()
+    if 0 < s < 100:  # the generated case has roughly the sparsity it claims
+        assert abs((1 - kept_rows) - s / 100) < 0.12
+    y = run_poisoned(x, w_t, thresholds)
+    assert y.shape == (B, N) and y.dtype == dtype
+    assert not torch.isnan(y).any(), "unwritten output elements"
+    if s == 100:
+        assert kept_rows == 0.0
+        assert torch.equal(y, torch.zeros_like(y))
+        return
+    ref = exact(x, w_t, thresholds)
+    assert rel_err(y, ref) < TOL[dtype]
+    assert rel_err(sparse_gemv_reference(x, w_t, thresholds), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [GemvConfig(16, 64, 2, 4), GemvConfig(32, 128, 1, 2), GemvConfig(256, 512, 4, 4)],
+    ids=["bk16-bn64-it2", "bk32-bn128-it1", "single-split"],
+)
+@pytest.mark.parametrize("B", [1, 4])
+def test_configs(config, B):
+    """Multi-step programs (K_ITERS > 1) and the single-split path (no workspace) agree."""
+    x, w_t, thresholds = make_case(300, 200, B, 0.5, torch.bfloat16, seed=7 + B)
+    y = run_poisoned(x, w_t, thresholds, config=config)
+    assert rel_err(y, exact(x, w_t, thresholds)) < TOL[torch.bfloat16]
+
+
+def test_thresholds_none_keeps_nonzeros():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(2, 257, generator=gen)).to(torch.float16)  # ~half exact zeros
+    w_t = torch.randn(257, 99, generator=gen).to(torch.float16)
+    y = run_poisoned(x, w_t, None)
+    assert rel_err(y, exact(x, w_t, None)) < TOL[torch.float16]
+    assert rel_err(sparse_gemv(x, w_t, None), exact(x, w_t, None)) < TOL[torch.float16]
+
+
+def test_nan_inputs_are_never_kept():
+    x, w_t, thresholds = make_case(160, 96, 2, 0.5, torch.float32, seed=11)
+    x[0, 5] = float("nan")
+    x[1, 17] = float("nan")
+    y = run_poisoned(x, w_t, thresholds)
+    ref = exact(x, w_t, thresholds)
+    assert torch.isfinite(ref).all() and torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[torch.float32]
+
+
+def test_workspace_is_left_zero_and_reused():
+    x, w_t, thresholds = make_case(577, 1001, 3, 0.5, torch.bfloat16, seed=5)
+    y1 = sg._sparse_gemv_impl(x, w_t, thresholds, persistent_workspace=True)
+    acc, counts = sg._WORKSPACES[sg._stream_key(x.device)]
+    assert torch.count_nonzero(acc) == 0 and torch.count_nonzero(counts) == 0
+    y2 = sg._sparse_gemv_impl(x, w_t, thresholds, persistent_workspace=True)
+    torch.testing.assert_close(y1, y2, rtol=1e-2, atol=1e-3)
+    # the functional path (what torch.compile traces) computes the same thing
+    y3 = sg._sparse_gemv_impl(x, w_t, thresholds, persistent_workspace=False)
+    torch.testing.assert_close(y1, y3, rtol=1e-2, atol=1e-3)
+
+
+def test_vector_input_and_large_batch_fallback():
+    x, w_t, thresholds = make_case(130, 70, 1, 0.5, torch.bfloat16, seed=13)
+    y = sparse_gemv(x[0], w_t, thresholds)
+    assert y.shape == (70,)
+    assert rel_err(y, exact(x, w_t, thresholds)[0]) < TOL[torch.bfloat16]
+    xb, w_t, thresholds = make_case(130, 70, 11, 0.5, torch.bfloat16, seed=17)  # B > 8
+    yb = sparse_gemv(xb, w_t, thresholds)
+    assert yb.shape == (11, 70)
+    assert rel_err(yb, exact(xb, w_t, thresholds)) < TOL[torch.bfloat16]
+
+
+def test_custom_op_registered():
+    x, w_t, thresholds = make_case(200, 150, 2, 0.4, torch.float16, seed=19)
+    y = torch.ops.actsparse.sparse_gemv(x, w_t, thresholds)
+    assert rel_err(y, exact(x, w_t, thresholds)) < TOL[torch.float16]
+    y_none = torch.ops.actsparse.sparse_gemv(x, w_t, None)
+    assert rel_err(y_none, exact(x, w_t, None)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (lambda x, w, t: (x[:, :-1], w, t), ValueError, "K="),
+        (lambda x, w, t: (x, w.float(), t), TypeError, "dtype"),
+        (lambda x, w, t: (x.to(torch.int32), w, t), TypeError, "x.dtype"),
+        (lambda x, w, t: (x, w.t().contiguous().t(), t), ValueError, "contiguous"),
+        (lambda x, w, t: (x, w, t[:-1]), ValueError, "thresholds must be"),
+        (lambda x, w, t: (x, w, t.half()), TypeError, "float32"),
+        (lambda x, w, t: (x[None], w, t), ValueError, r"\[B, K\]"),
+        (lambda x, w, t: (x, w[None], t), ValueError, r"\[K, N\]"),
+    ],
+    ids=["k-mismatch", "dtype-mismatch", "int-dtype", "strided-w", "thr-shape", "thr-dtype", "x-3d", "w-3d"],
+)
+def test_launcher_errors(make_args, error, match):
+    x = torch.randn(2, 48, dtype=torch.bfloat16)
+    w_t = torch.randn(48, 32, dtype=torch.bfloat16)
+    thr = torch.zeros(48)
+    with pytest.raises(error, match=match):
+        sparse_gemv(*make_args(x, w_t, thr))
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        sg._sparse_gemv_impl(x, torch.randn(32, 16, dtype=torch.bfloat16), None)
+
+
+def test_config_validation_and_pick():
+    with pytest.raises(ValueError, match="power of two"):
+        GemvConfig(block_k=48, block_n=64)
+    for K, N, B in [(1, 1, 1), (577, 1001, 3), (4096, 28672, 1), (14336, 4096, 8)]:
+        cfg = pick_config(K, N, B)
+        assert cfg.block_k >= 16 and cfg.block_n >= 16

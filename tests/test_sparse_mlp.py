@@ -1,0 +1,263 @@
+"""sparse_gate_up (Triton, run by the interpreter on the CPU) against its pure-PyTorch reference.
+
+Note on bf16 under TRITON_INTERPRET=1: the interpreter casts fp32 -> bf16 by truncation, not
+round-to-nearest, so bf16 outputs differ from the reference by up to one ulp (relative error
+~3e-3 to 6e-3, under the 1e-2 tolerance). fp16 and fp32 match to rounding.
+"""
+import os
+import zlib
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest does it too)
+
+import pytest
+import torch
+
+from actsparse.kernels.sparse_mlp import (
+    SparseGatedMLP,
+    _activation_torch,
+    _check_inputs,
+    _launch_sparse_gate_up,
+    default_config,
+    sparse_gate_up,
+    sparse_gate_up_reference,
+)
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    denom = ref.norm().item()
+    diff = (out.double() - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def make_inputs(batch, k, f, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, k, generator=g).to(dtype)  # [B, K]
+    w_gate = (torch.randn(f, k, generator=g) / k**0.5).to(dtype)  # [F, K]
+    w_up = (torch.randn(f, k, generator=g) / k**0.5).to(dtype)  # [F, K]
+    return x, w_gate, w_up, g
+
+
+def thresholds_for(x, w_gate, activation, sparsity, g):
+    """Per-neuron thresholds [F] giving about `sparsity` zeros in h, kept away from ties.
+
+    A threshold within 1e-3 (relative) of some |a| could flip between kernel and reference
+    (different fp32 summation order), so such thresholds are nudged up.
+    """
+    f = w_gate.shape[0]
+    a = _activation_torch(x.float() @ w_gate.float().T, activation).abs()  # [B, F]
+    if sparsity == 0.0:
+        return torch.zeros(f)
+    if sparsity == 1.0:
+        return torch.full((f,), 2.0 * a.max().item() + 1.0)
+    base = torch.quantile(a.flatten(), sparsity).item()
+    thr = base * (0.7 + 0.6 * torch.rand(f, generator=g))  # per-neuron values: indexing matters
+    for _ in range(20):
+        close = ((a - thr).abs() <= 1e-3 * thr.clamp_min(1e-6)).any(dim=0)
+        if not close.any():
+            break
+        thr = torch.where(close, thr * 1.01 + 1e-4, thr)
+    return thr.float()
+
+
+def run_poisoned(x, w_gate, w_up, thr, activation, row_mask, config=None):
+    """Launch into a NaN-filled output so an unwritten element fails the comparison."""
+    _check_inputs(x, w_gate, w_up, thr, activation, row_mask)
+    h = torch.full((x.shape[0], w_gate.shape[0]), float("nan"), dtype=x.dtype)
+    _launch_sparse_gate_up(x, w_gate, w_up, thr, activation, row_mask, h, config=config)
+    return h
+
+
+CASES = []  # (dtype, activation, batch, sparsity, use_row_mask)
+for _act in ("silu", "gelu_tanh", "relu"):
+    for _s in (0.0, 0.5, 0.9, 1.0):  # every sparsity x row_mask at batch 3
+        for _mask in (False, True):
+            CASES.append((torch.bfloat16, _act, 3, _s, _mask))
+    for _b, _s in ((1, 0.5), (1, 0.9), (8, 0.5), (8, 0.9)):  # batch 1 and 8
+        for _mask in (False, True):
+            CASES.append((torch.bfloat16, _act, _b, _s, _mask))
+    for _mask in (False, True):  # fp16 and fp32 on a slice of the grid
+        CASES.append((torch.float16, _act, 3, 0.5, _mask))
+    CASES.append((torch.float16, _act, 1, 0.9, True))
+    CASES.append((torch.float32, _act, 8, 0.9, True))
+K_TEST, F_TEST = 203, 37  # odd on purpose: neither is a multiple of any block size
+
+
+def case_id(case):
+    dtype, act, b, s, mask = case
+    return f"B{b}-K{K_TEST}-F{F_TEST}-{act}-s{int(s * 100)}-{'mask' if mask else 'nomask'}-{DTYPE_NAME[dtype]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_matches_reference(case):
+    dtype, activation, batch, sparsity, use_mask = case
+    k, f = K_TEST, F_TEST
+    seed = zlib.crc32(case_id(case).encode())  # stable across runs: a failure reproduces
+    x, w_gate, w_up, g = make_inputs(batch, k, f, dtype, seed)
+    thr = thresholds_for(x, w_gate, activation, sparsity, g)
+    row_mask = (torch.rand(f, generator=g) < 0.7) if use_mask else None
+    h = run_poisoned(x, w_gate, w_up, thr, activation, row_mask)
+    ref = sparse_gate_up_reference(x, w_gate, w_up, thr, activation, row_mask)
+    assert not torch.isnan(h).any(), "unwritten output elements"
+    # zeros exactly where the reference has them (the threshold test agrees element-wise)
+    assert torch.equal(h == 0, ref == 0)
+    if row_mask is not None:
+        assert (h[:, ~row_mask] == 0).all()
+    if sparsity == 1.0:
+        assert (h == 0).all()
+    else:
+        assert rel_err(h, ref) < TOL[dtype]
+    if sparsity in (0.5, 0.9) and activation != "relu":
+        zeros = (ref == 0).float().mean().item()
+        keep_frac = row_mask.float().mean().item() if row_mask is not None else 1.0
+        expected = 1 - (1 - sparsity) * keep_frac
+        assert abs(zeros - expected) < 0.2, f"threshold helper gave {zeros:.2f} zeros, wanted ~{expected:.2f}"
+
+
+@pytest.mark.parametrize("block_f,block_k,num_warps", [(1, 64, 1), (8, 32, 2), (16, 256, 4)])
+def test_other_tiles(block_f, block_k, num_warps):
+    """Every tile shape computes the same function (the benchmark sweeps these)."""
+    from actsparse.kernels.sparse_mlp import GateUpConfig
+
+    x, w_gate, w_up, g = make_inputs(2, 130, 45, torch.float16, 11)
+    thr = thresholds_for(x, w_gate, "silu", 0.5, g)
+    row_mask = torch.rand(45, generator=g) < 0.5
+    h = run_poisoned(x, w_gate, w_up, thr, "silu", row_mask, GateUpConfig(block_f, block_k, num_warps))
+    ref = sparse_gate_up_reference(x, w_gate, w_up, thr, "silu", row_mask)
+    assert rel_err(h, ref) < 1e-2 and torch.equal(h == 0, ref == 0)
+
+
+def test_even_k_path():
+    """K a multiple of BLOCK_K takes the unmasked-K branch."""
+    x, w_gate, w_up, g = make_inputs(3, 256, 40, torch.float16, 5)
+    assert 256 % default_config(3, 256, 40).block_k == 0
+    thr = thresholds_for(x, w_gate, "gelu_tanh", 0.5, g)
+    h = run_poisoned(x, w_gate, w_up, thr, "gelu_tanh", None)
+    ref = sparse_gate_up_reference(x, w_gate, w_up, thr, "gelu_tanh")
+    assert rel_err(h, ref) < 1e-2
+
+
+def test_fatrelu_semantics():
+    """relu with threshold T: zero at and below T, identity above (exact values, exact arithmetic)."""
+    gates = torch.tensor([-1.0, 0.0, 0.25, 0.5, 0.5078125, 2.0, -0.5, 0.75])  # bf16-exact
+    f, k = gates.numel(), 5
+    w_gate = torch.zeros(f, k)
+    w_gate[:, 0] = gates
+    w_up = torch.zeros(f, k)
+    w_up[:, 0] = 1.0
+    x = torch.zeros(1, k)
+    x[0, 0] = 1.0  # gate = w_gate[:, 0] exactly, up = 1
+    for dtype in (torch.bfloat16, torch.float32):
+        h = sparse_gate_up(x.to(dtype), w_gate.to(dtype), w_up.to(dtype), 0.5, "relu")
+        expected = torch.where(gates > 0.5, gates, torch.zeros(()))
+        assert torch.equal(h.float()[0], expected), (h, expected)
+        assert torch.equal(sparse_gate_up_reference(x, w_gate, w_up, 0.5, "relu")[0], expected)
+        # threshold 0 is plain ReLU
+        h0 = sparse_gate_up(x.to(dtype), w_gate.to(dtype), w_up.to(dtype), 0.0, "relu")
+        assert torch.equal(h0.float()[0], torch.relu(gates))
+
+
+def test_batch_rows_independent():
+    """Each batch row gets exactly what it gets alone (per-element threshold test)."""
+    x, w_gate, w_up, g = make_inputs(4, 99, 60, torch.float16, 3)
+    thr = thresholds_for(x, w_gate, "silu", 0.8, g)
+    h = sparse_gate_up(x, w_gate, w_up, thr, "silu")
+    for b in range(4):
+        hb = sparse_gate_up(x[b], w_gate, w_up, thr, "silu")  # 1-D x -> 1-D h
+        assert hb.shape == (60,)
+        assert torch.equal(h[b], hb)
+
+
+def test_public_api_float_threshold_and_op():
+    x, w_gate, w_up, g = make_inputs(3, 70, 33, torch.bfloat16, 7)
+    row_mask = torch.rand(33, generator=g) < 0.5
+    h = sparse_gate_up(x, w_gate, w_up, 0.05, "silu", row_mask)
+    ref = sparse_gate_up_reference(x, w_gate, w_up, 0.05, "silu", row_mask)
+    assert h.shape == (3, 33) and h.dtype == torch.bfloat16
+    assert rel_err(h, ref) < 1e-2
+    thr = torch.full((33,), 0.05)
+    h_op = torch.ops.actsparse.sparse_gate_up(x, w_gate, w_up, thr, "silu", row_mask)
+    assert torch.equal(h_op, h)
+
+
+def test_all_rows_masked_out_writes_zeros():
+    x, w_gate, w_up, _ = make_inputs(2, 50, 20, torch.float16, 9)
+    h = run_poisoned(x, w_gate, w_up, torch.zeros(20), "silu", torch.zeros(20, dtype=torch.bool))
+    assert torch.equal(h, torch.zeros_like(h))
+
+
+def test_opcheck():
+    x, w_gate, w_up, g = make_inputs(2, 40, 24, torch.float16, 13)
+    thr = torch.full((24,), 0.1)
+    row_mask = torch.rand(24, generator=g) < 0.5
+    torch.library.opcheck(
+        torch.ops.actsparse.sparse_gate_up.default, (x, w_gate, w_up, thr, "relu", row_mask),
+        # test_faketensor / test_aot_dispatch_* need the compiled-Triton path (the interpreter runs
+        # the kernel on fake tensors): the GPU benchmark runs the full opcheck.
+        test_utils=("test_schema", "test_autograd_registration"),
+    )
+
+
+def test_module_torch_backend_dense_at_threshold_zero():
+    """Threshold 0, SiLU: no neuron is dropped, so the module equals the dense gated MLP exactly."""
+    g = torch.Generator().manual_seed(21)
+    d, f = 48, 80
+    w_gate, w_up, w_down = (torch.randn(f, d, generator=g) / 7, torch.randn(f, d, generator=g) / 7,
+                            torch.randn(d, f, generator=g) / 9)
+    mlp = SparseGatedMLP(w_gate, w_up, w_down, 0.0, "silu", backend="torch")
+    x = torch.randn(2, 5, d, generator=g)
+    dense = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+    assert torch.allclose(mlp(x), dense, rtol=1e-5, atol=1e-6)
+    assert "gate_threshold" in mlp.state_dict()
+
+
+def test_module_triton_backend_matches_torch_backend():
+    pytest.importorskip("actsparse.kernels.sparse_gemv", reason="kernels-gemv helper's file not present yet")
+    g = torch.Generator().manual_seed(22)
+    d, f = 40, 72
+    w = [(torch.randn(f, d, generator=g) / 6).half(), (torch.randn(f, d, generator=g) / 6).half(),
+         (torch.randn(d, f, generator=g) / 8).half()]
+    x = torch.randn(3, d, generator=g).half()
+    out = {}
+    for backend in ("torch", "triton"):
+        out[backend] = SparseGatedMLP(*w, gate_threshold=0.05, activation="silu", backend=backend)(x)
+    assert rel_err(out["triton"], out["torch"]) < 1e-2
+
+
+def _bad_inputs():
+    x, w_gate, w_up, _ = make_inputs(2, 16, 12, torch.float16, 1)
+    thr = torch.zeros(12)
+    good = dict(x=x, w_gate=w_gate, w_up=w_up, gate_threshold=thr, activation="silu", row_mask=None)
+    bad = {
+        "batch9": dict(x=torch.randn(9, 16).half()),
+        "x3d": dict(x=x[None]),
+        "x_int": dict(x=x.to(torch.int32)),
+        "x_strided": dict(x=torch.randn(2, 32).half()[:, ::2]),
+        "gate_wrong_k": dict(w_gate=torch.randn(12, 15).half()),
+        "up_wrong_f": dict(w_up=torch.randn(11, 16).half()),
+        "gate_dtype": dict(w_gate=w_gate.float()),
+        "up_noncontig": dict(w_up=torch.randn(16, 12).half().T),
+        "activation": dict(activation="gelu"),
+        "thr_shape": dict(gate_threshold=torch.zeros(11)),
+        "thr_dtype": dict(gate_threshold=torch.zeros(12, dtype=torch.float16)),
+        "thr_nan": dict(gate_threshold=float("nan")),
+        "mask_dtype": dict(row_mask=torch.ones(12, dtype=torch.uint8)),
+        "mask_shape": dict(row_mask=torch.ones(13, dtype=torch.bool)),
+    }
+    return good, bad
+
+
+@pytest.mark.parametrize("name", list(_bad_inputs()[1]))
+def test_launcher_rejects(name):
+    good, bad = _bad_inputs()
+    args = {**good, **bad[name]}
+    with pytest.raises((ValueError, TypeError)):
+        sparse_gate_up(**args)
+
+
+def test_launcher_accepts_good_inputs():
+    good, _ = _bad_inputs()
+    assert sparse_gate_up(**good).shape == (2, 12)
