@@ -151,6 +151,9 @@ def demo(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our errors are one line; keep theirs quiet
     try:
         app(args=argv, standalone_mode=False)
     except ActsparseError as exc:

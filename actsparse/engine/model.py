@@ -294,7 +294,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -324,7 +324,7 @@ def rope_tables(args: ModelArgs, max_seq_len: int, device=None) -> tuple[torch.T
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, H, T, D]; cos, sin: [T, D] fp32
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
@@ -351,7 +351,8 @@ class Attention(nn.Module):
         # GQA without copying the cache: the G query heads of a kv head are stacked along time.
         G = H // Hkv
         q = q.reshape(B, Hkv, G * T, D)
-        scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, Hkv, G*T, S]
+        scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+        scores = scores * (1.0 / math.sqrt(D))  # [B, Hkv, G*T, S]
         scores = scores.masked_fill(~mask.repeat(G, 1), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         y = (probs @ v).view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)

@@ -8,11 +8,12 @@ nothing, so the kernel does not load it. Time then falls with the fraction of ro
 Three layers (one file stem shared with ``tests/test_sparse_gemv.py`` and
 ``benchmarks/bench_sparse_gemv.py``):
 
-- ``_sparse_gemv_kernel``: the Triton kernel. Split-K: program (n, k) owns a tile of
-  ``BLOCK_N`` output columns and ``BLOCK_K * K_ITERS`` input rows, so that even N = 4096 gives
-  hundreds of programs and every SM has loads in flight. The threshold test is fused: a program
-  loads its slice of x, compares ``|x| > thr`` and issues masked row loads, so an inactive row
-  costs no memory traffic. Partial sums meet in an fp32 workspace through atomics; the last
+- ``_sparse_gemv_kernel``: the Triton kernel. Split-K: program (n, k) owns ``BLOCK_N`` output
+  columns and a range of input rows that it streams in ``BLOCK_K``-row steps through a
+  ``NUM_STAGES``-deep cp.async pipeline, so each SM keeps many row loads in flight; there are
+  only about two programs per SM, so the fixed cost of a program (its reduction, atomics and
+  counter) is paid rarely. The threshold test is fused: each step loads its slice of x, compares
+  ``|x| > thr`` and issues masked row loads, so an inactive row costs no memory traffic. Partial sums meet in an fp32 workspace through atomics; the last
   program to finish a column tile (an arrival counter per tile) casts the sum into ``y`` and
   zeroes the workspace and its counter again. One launch, no memset, no cast kernel.
 - ``sparse_gemv()``: checks shapes/dtypes/devices, picks a tile config from (K, N, B), and runs
@@ -37,6 +38,7 @@ An input is kept iff ``|x| > thr`` (strict); NaN inputs are never kept.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -62,28 +64,29 @@ def _sparse_gemv_kernel(
     K,
     N,
     stride_xb,
+    ROWS_PER_PROGRAM,  # multiple of BLOCK_K; program (n, k) owns rows [k*R, (k+1)*R)
     HAS_THRESHOLDS: tl.constexpr,
-    BATCHED: tl.constexpr,  # False: B == 1, FMA path; True: 2 <= B <= B_PAD, tl.dot path
-    B_PAD: tl.constexpr,  # rows of the dot operand (>= 16, tl.dot's minimum); 1 when not BATCHED
+    USE_DOT: tl.constexpr,  # False: B == 1, FMA path; True: B <= B_PAD rows through tl.dot
+    B_PAD: tl.constexpr,  # rows of the dot operand (>= 16, tl.dot's minimum); 1 for the FMA path
     DOT_FP32: tl.constexpr,  # dot in fp32 ("ieee"): fp32 inputs, and the CPU interpreter
     SINGLE_SPLIT: tl.constexpr,  # one program along K: store y directly, no workspace
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    K_ITERS: tl.constexpr,  # BLOCK_K-row steps per program (unrolled)
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the K loop (cp.async stages)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    k_start = pid_k * (BLOCK_K * K_ITERS)
+    k_lo = pid_k * ROWS_PER_PROGRAM
+    k_hi = tl.minimum(k_lo + ROWS_PER_PROGRAM, K)
     offs_b = tl.arange(0, B_PAD)
     b_mask = offs_b < B
-    n_active = 0  # weight rows this program loads; 0 -> nothing to add
 
-    if BATCHED:
+    if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(K_ITERS):
-            offs_k = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             # x_tile: [B_PAD, BLOCK_K]
             x_tile = tl.load(
@@ -97,8 +100,7 @@ def _sparse_gemv_kernel(
                 thr = tl.zeros([BLOCK_K], dtype=tl.float32)
             keep = (tl.abs(x_tile.to(tl.float32)) > thr[None, :]) & b_mask[:, None] & k_mask[None, :]
             # a weight row is read iff any batch row keeps its input
-            row_active = tl.sum(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]
-            n_active += tl.sum(row_active.to(tl.int32), axis=0)
+            row_active = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]
             # w_tile: [BLOCK_K, BLOCK_N]; masked rows issue no memory traffic
             w_tile = tl.load(
                 w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
@@ -109,14 +111,14 @@ def _sparse_gemv_kernel(
                 x_kept = tl.where(keep, x_tile.to(tl.float32), 0.0)
                 acc = tl.dot(x_kept, w_tile.to(tl.float32), acc, input_precision="ieee")
             else:
-                # bf16/fp16 operands, fp32 accumulation: products of 16-bit values are exact
+                # 16-bit operands, fp32 accumulation: products of 16-bit values are exact
                 x_kept = tl.where(keep, x_tile, tl.zeros_like(x_tile))
                 acc = tl.dot(x_kept, w_tile, acc)
     else:
-        # B == 1: accumulate elementwise products and reduce over K once at the end
+        # B == 1: accumulate elementwise products, reduce over K once at the end
         acc_2d = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        for i in tl.static_range(K_ITERS):
-            offs_k = k_start + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x_vec = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
             if HAS_THRESHOLDS:
@@ -124,7 +126,6 @@ def _sparse_gemv_kernel(
             else:
                 thr = tl.zeros([BLOCK_K], dtype=tl.float32)
             keep = (tl.abs(x_vec) > thr) & k_mask
-            n_active += tl.sum(keep.to(tl.int32), axis=0)
             w_tile = tl.load(
                 w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
                 mask=keep[:, None] & n_mask[None, :],
@@ -139,8 +140,7 @@ def _sparse_gemv_kernel(
     if SINGLE_SPLIT:
         tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
-        if n_active > 0:
-            tl.atomic_add(acc_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
+        tl.atomic_add(acc_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
         # every thread's adds happen before the (release) arrival below
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
@@ -155,27 +155,30 @@ def _sparse_gemv_kernel(
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tile shape of one launch: BLOCK_K x BLOCK_N weight tile, K_ITERS tiles per program."""
+    """One launch's shape: BLOCK_K x BLOCK_N weight tiles streamed through a NUM_STAGES-deep
+    pipeline, and about `programs_per_sm` programs per SM (this sets the split-K count)."""
 
     block_k: int
     block_n: int
-    k_iters: int = 1
+    num_stages: int = 4
     num_warps: int = 4
+    programs_per_sm: int = 2
+    use_dot: Optional[bool] = None  # None: tl.dot iff B > 1
 
     def __post_init__(self):
-        for name in ("block_k", "block_n", "k_iters"):
+        for name in ("block_k", "block_n"):
             value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"GemvConfig.{name} must be a power of two, got {value}")
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two >= 16, got {value}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ValueError("GemvConfig.num_stages and programs_per_sm must be >= 1")
 
     def __str__(self) -> str:
-        return f"bk{self.block_k}-bn{self.block_n}-it{self.k_iters}-w{self.num_warps}"
-
-    @property
-    def rows_per_program(self) -> int:
-        return self.block_k * self.k_iters
+        dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
+        return (f"bk{self.block_k}-bn{self.block_n}-st{self.num_stages}-w{self.num_warps}"
+                f"-p{self.programs_per_sm}{dot}")
 
 
 def _next_pow2(n: int) -> int:
@@ -185,16 +188,36 @@ def _next_pow2(n: int) -> int:
 def pick_config(K: int, N: int, B: int) -> GemvConfig:
     """Tile config for a (K, N, B) problem, from the H100 sweep in docs/notes/sparse_gemv.md.
 
-    Goals: 16-byte loads along N (BLOCK_N >= 64 when N allows), enough programs to give each of
-    the ~132 SMs several tiles in flight even when most rows are masked, and few enough split-K
-    slices that the fp32 atomics stay a small fraction of the weight bytes.
+    Goals: 16-byte loads along N (BLOCK_N >= 64 when N allows); a pipeline deep enough that each
+    SM keeps tens of KB of weight loads in flight even when most rows are masked; and few K
+    splits (about programs_per_sm programs per SM in total), so the per-program fixed latency
+    (x load, reduction, fp32 atomics, arrival counter) is paid rarely.
     """
     block_n = min(256, max(16, _next_pow2(N)))
+    block_k = min(32, max(16, _next_pow2(K)))
     if B == 1:
-        block_k = min(64, max(16, _next_pow2(K)))
-        return GemvConfig(block_k=block_k, block_n=block_n, k_iters=1, num_warps=4)
-    block_k = min(64, max(16, _next_pow2(K)))
-    return GemvConfig(block_k=block_k, block_n=min(block_n, 128), k_iters=1, num_warps=4)
+        return GemvConfig(block_k=block_k, block_n=block_n, num_stages=4, num_warps=4, programs_per_sm=2)
+    return GemvConfig(block_k=block_k, block_n=min(block_n, 128), num_stages=4, num_warps=4, programs_per_sm=2)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # the CPU interpreter: any small number exercises the split-K path
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_k(K: int, grid_n: int, config: GemvConfig, sm_count: int) -> tuple[int, int]:
+    """(programs along K, rows per program): about programs_per_sm * sm_count programs in all,
+    each owning a whole number of BLOCK_K steps."""
+    k_blocks = triton.cdiv(K, config.block_k)
+    target = max(1, round(config.programs_per_sm * sm_count / grid_n))
+    blocks_per_program = triton.cdiv(k_blocks, min(k_blocks, target))
+    return triton.cdiv(k_blocks, blocks_per_program), blocks_per_program * config.block_k
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +322,7 @@ def _launch(
         x = x.contiguous()
     y = torch.empty((B, N), dtype=x.dtype, device=x.device) if out is None else out
     grid_n = triton.cdiv(N, config.block_n)
-    grid_k = triton.cdiv(K, config.rows_per_program)
+    grid_k, rows_per_program = split_k(K, grid_n, config, _sm_count(x.device))
     single_split = grid_k == 1
     if persistent_workspace:
         acc, counts = _cached_workspace(x.device, B * N, grid_n)
@@ -309,7 +332,7 @@ def _launch(
     else:
         acc = torch.zeros(B * N, dtype=torch.float32, device=x.device)
         counts = torch.zeros(grid_n, dtype=torch.int32, device=x.device)
-    batched = B > 1
+    use_dot = B > 1 if config.use_dot is None else config.use_dot
     wrap_triton(_sparse_gemv_kernel)[(grid_n, grid_k)](
         x,
         w_t,
@@ -321,14 +344,15 @@ def _launch(
         K,
         N,
         x.stride(0),
+        rows_per_program,
         HAS_THRESHOLDS=thresholds is not None,
-        BATCHED=batched,
-        B_PAD=16 if batched else 1,
+        USE_DOT=use_dot,
+        B_PAD=16 if use_dot else 1,
         DOT_FP32=x.dtype == torch.float32 or _interpreting(),
         SINGLE_SPLIT=single_split,
         BLOCK_K=config.block_k,
         BLOCK_N=config.block_n,
-        K_ITERS=config.k_iters,
+        NUM_STAGES=config.num_stages,
         num_warps=config.num_warps,
     )
     return y

@@ -93,8 +93,8 @@ class ActivationTap:
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one id stream, no special tokens added. -> [N] int64."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long)
+    ids = torch.as_tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return ids[0] if ids.dim() == 2 else ids  # tokenizers called with return_tensors give [1, N]
 
 
 @dataclass
@@ -115,33 +115,32 @@ def evaluate_relu(model: nn.Module, tokenizer, text: str, context: int = 1024, m
     and the MLP-intermediate sparsity measured in the same forward passes.
 
     Same semantics as ``actsparse.evaluate.perplexity``: the text is tokenized without special
-    tokens, cut into windows of ``context`` tokens (a shorter last window is kept if it has at least
-    2 tokens), each window is scored independently and the first token of a window is not
-    predicted; perplexity = exp(mean NLL over all predicted tokens). Runs in the model's dtype.
+    tokens, its first ``max_tokens`` tokens are cut into windows of ``context`` tokens (a tail
+    shorter than a window is dropped), each window is scored independently and the first token of
+    a window is not predicted; perplexity = exp(mean NLL over all predicted tokens). Windows are
+    batched ``batch_size`` at a time; runs in the model's dtype.
     """
     if context < 2 or max_tokens < 2:
         raise ActsparseError("context and max_tokens must be >= 2")
     ids = tokenize(tokenizer, text) if ids is None else ids
     ids = ids[:max_tokens]
-    windows = [ids[i:i + context] for i in range(0, ids.numel(), context)]
-    windows = [w for w in windows if w.numel() >= 2]
-    if not windows:
-        raise ActsparseError("the evaluation text is shorter than 2 tokens")
+    n = ids.numel() // context
+    if n == 0:
+        raise ActsparseError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {context}")
+    windows = ids[: n * context].view(n, context)  # [W, T]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
     with ActivationTap(model, count_zeros=True) as tap:
-        for length in sorted({w.numel() for w in windows}):
-            same = [w for w in windows if w.numel() == length]
-            for b in range(0, len(same), batch_size):
-                batch = torch.stack(same[b:b + batch_size]).to(device)  # [B, T]
-                logits = model(input_ids=batch, use_cache=False).logits  # [B, T, V]
-                nll = nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                )
-                nll_sum += nll.item()
-                count += batch[:, 1:].numel()
+        for b in range(0, n, batch_size):
+            batch = windows[b:b + batch_size].to(device)  # [B, T]
+            logits = model(input_ids=batch, use_cache=False).logits  # [B, T, V]
+            nll = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+            )
+            nll_sum += nll.item()
+            count += batch[:, 1:].numel()
     model.train(was_training)
     mean_nll = nll_sum / count
     return EvalResult(perplexity=math.exp(mean_nll), nll=mean_nll, tokens=count,
