@@ -136,6 +136,24 @@ def dense_step2(x, mlp, activation):
     return _activation_torch(g, activation) * u
 
 
+def compiled_kernel_resources() -> list:
+    """Registers / spills / shared memory of each compiled variant (best effort across Triton versions)."""
+    from actsparse.kernels.sparse_mlp import _sparse_gate_up_kernel
+
+    rows = []
+    try:
+        for caches in getattr(_sparse_gate_up_kernel, "device_caches", {}).values():
+            for key, kernel in caches[0].items():
+                md = kernel.metadata
+                consts = {k: v for k, v in getattr(kernel, "constants", {}).items() if isinstance(v, (int, bool))} or str(key)[:200]
+                rows.append({"variant": str(consts)[:300], "n_regs": getattr(kernel, "n_regs", None),
+                             "n_spills": getattr(kernel, "n_spills", None), "shared": getattr(md, "shared", None),
+                             "num_warps": getattr(md, "num_warps", None)})
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        rows.append({"error": repr(exc)[:200]})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +274,7 @@ def main(argv=None) -> int:
         for cfg in configs + [None]:
             h = run_cfg(x, mlps[name], thr, activation, row_mask, cfg)
             check(f"sweep {name}-{activation}-s{int(sparsity * 100)}-{'mask' if use_mask else 'nomask'}-{cfg}", h, ref)
-    for name in mlps:  # step 3 on the real step-2 output
+    for name in prosparse_shapes:  # step 3 on the real step-2 output
         x, thr, row_mask, active = problems[(name, "relu", 0.89, True)]
         h = sparse_gate_up(x, mlps[name]["w_gate"], mlps[name]["w_up"], thr, "relu", row_mask)
         check(f"step3 {name}", sparse_gemv(h, mlps[name]["w_down_t"], None),
@@ -410,6 +428,10 @@ def main(argv=None) -> int:
         print(f"llama3-8b B={b} s=0.5/row (up rows read {union:.2f}): sparse {t_sparse * 1e3:.1f}us "
               f"dense {t_dense * 1e3:.1f}us -> {t_dense / t_sparse:.2f}x")
     results["llama3_8b_batch"] = batch_rows
+
+    results["compiled"] = compiled_kernel_resources()
+    for row in results["compiled"]:
+        print("compiled", row)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

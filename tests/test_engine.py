@@ -46,12 +46,12 @@ def hf_and_engine(request, tmp_path):
     return request.param, hf, engine
 
 
-def engine_logits(engine: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    """Prefill PROMPT_LEN tokens, then decode the rest one by one: logits [B, T, V]."""
+def engine_logits(engine: Transformer, ids: torch.Tensor, prompt_len: int = PROMPT_LEN) -> torch.Tensor:
+    """Prefill ``prompt_len`` tokens, then decode the rest one by one: logits [B, T, V]."""
     engine.setup_caches(ids.shape[0], 64)
     with torch.no_grad():
-        outs = [engine(ids[:, :PROMPT_LEN], torch.arange(PROMPT_LEN))]
-        for t in range(PROMPT_LEN, ids.shape[1]):
+        outs = [engine(ids[:, :prompt_len], torch.arange(prompt_len))]
+        for t in range(prompt_len, ids.shape[1]):
             outs.append(engine(ids[:, t : t + 1], torch.tensor([t])))
     return torch.cat(outs, dim=1)
 
@@ -230,17 +230,28 @@ def test_bad_inputs_raise_actsparse_error():
         engine.sparsify_(bad, backend="torch")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32])
-def test_smollm2_matches_hf(dtype):
-    """The real default model (SmolLM2-135M, tied embeddings, 9 layers of GQA) against HF."""
+@pytest.mark.slow  # ~25 s on 2 cores, most of it loading the model twice
+def test_smollm2_matches_hf():
+    """The real default model (SmolLM2-135M: 30 layers, GQA, tied embeddings) against HF.
+
+    Real weights have large activations, so fp32 rounding differs between any two implementations
+    by ~1e-6; both are compared with HF run in float64.
+    """
     from actsparse.models import default_model_dir, load_model
 
     if not (default_model_dir() / "config.json").exists():
         pytest.skip("SmolLM2-135M is not cached (actsparse.models.fetch_default() downloads it)")
-    hf, _ = load_model("smollm2-135m", dtype=dtype)
-    engine = load_hf(default_model_dir(), device="cpu", dtype=dtype)
-    ids = torch.randint(0, hf.config.vocab_size, (1, PROMPT_LEN + DECODE_STEPS))
-    assert rel_err(engine_logits(engine, ids), hf_logits(hf, ids)) < 1e-5
+    hf, _ = load_model("smollm2-135m", dtype=torch.float32)
+    engine = load_hf(default_model_dir(), device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
     thresholds = random_thresholds(engine, ids, 0.5)
+    ref_dense = hf_logits(hf, ids)
+    ref_sparse = hf_logits(hf, ids, thresholds)
+    hf64 = hf.double()
+    ref64_dense, ref64_sparse = hf_logits(hf64, ids), hf_logits(hf64, ids, thresholds)
+    err_hf = rel_err(ref_dense, ref64_dense)
+    assert rel_err(engine_logits(engine, ids, 8), ref64_dense) < max(2 * err_hf, 1e-5)
     engine.sparsify_(thresholds, backend="torch")
-    assert rel_err(engine_logits(engine, ids), hf_logits(hf, ids, thresholds)) < 1e-5
+    out = engine_logits(engine, ids, 8)
+    assert rel_err(ref_sparse, ref_dense) > 1e-2
+    assert rel_err(out, ref64_sparse) < max(2 * rel_err(ref_sparse, ref64_sparse), 1e-5)

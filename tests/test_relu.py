@@ -33,8 +33,6 @@ from actsparse.relu import (
 )
 
 VOCAB = 256  # conftest's tiny models and ByteTokenizer
-
-
 TEXT = " ".join(f"word{i % 37} thing{(i * 7) % 11} and {i % 5}." for i in range(400))
 
 
@@ -265,7 +263,7 @@ def test_l1_raises_sparsity():
 def test_evaluate_relu_perplexity_semantics():
     model = relufy_(tiny_model("mistral"), ReluConfig())
     tok = ByteTokenizer()
-    ids = torch.tensor(tok(TEXT)["input_ids"][:50])
+    ids = tok(TEXT)["input_ids"][0, :50]
     result = evaluate_relu(model, tok, TEXT, context=16, max_tokens=50, batch_size=2)
     nll, count = 0.0, 0
     with torch.no_grad():

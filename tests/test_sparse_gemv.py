@@ -93,12 +93,17 @@ def test_matches_reference(K, N, B, s, dtype):
 
 @pytest.mark.parametrize(
     "config",
-    [GemvConfig(16, 64, 2, 4), GemvConfig(32, 128, 1, 2), GemvConfig(256, 512, 4, 4)],
-    ids=["bk16-bn64-it2", "bk32-bn128-it1", "single-split"],
+    [
+        GemvConfig(16, 64, num_stages=2, programs_per_sm=8),
+        GemvConfig(32, 128, num_stages=1, num_warps=2),
+        GemvConfig(32, 64, use_dot=True),
+        GemvConfig(512, 256),
+    ],
+    ids=["many-splits", "one-stage", "dot-for-b1", "single-split"],
 )
 @pytest.mark.parametrize("B", [1, 4])
 def test_configs(config, B):
-    """Multi-step programs (K_ITERS > 1) and the single-split path (no workspace) agree."""
+    """Many K splits, tl.dot for B == 1, and the single-split path (no workspace) all agree."""
     x, w_t, thresholds = make_case(300, 200, B, 0.5, torch.bfloat16, seed=7 + B)
     y = run_poisoned(x, w_t, thresholds, config=config)
     assert rel_err(y, exact(x, w_t, thresholds)) < TOL[torch.bfloat16]

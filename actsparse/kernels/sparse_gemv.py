@@ -64,7 +64,7 @@ def _sparse_gemv_kernel(
     K,
     N,
     stride_xb,
-    ROWS_PER_PROGRAM,  # multiple of BLOCK_K; program (n, k) owns rows [k*R, (k+1)*R)
+    ROWS_PER_PROGRAM: tl.constexpr,  # multiple of BLOCK_K; program (n, k) owns rows [k*R, (k+1)*R)
     HAS_THRESHOLDS: tl.constexpr,
     USE_DOT: tl.constexpr,  # False: B == 1, FMA path; True: B <= B_PAD rows through tl.dot
     B_PAD: tl.constexpr,  # rows of the dot operand (>= 16, tl.dot's minimum); 1 for the FMA path
@@ -79,14 +79,13 @@ def _sparse_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k_lo = pid_k * ROWS_PER_PROGRAM
-    k_hi = tl.minimum(k_lo + ROWS_PER_PROGRAM, K)
     offs_b = tl.arange(0, B_PAD)
     b_mask = offs_b < B
 
     if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        for k0 in tl.range(0, ROWS_PER_PROGRAM, BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)  # rows >= K (last program) are masked
             k_mask = offs_k < K
             # x_tile: [B_PAD, BLOCK_K]
             x_tile = tl.load(
@@ -117,8 +116,8 @@ def _sparse_gemv_kernel(
     else:
         # B == 1: accumulate elementwise products, reduce over K once at the end
         acc_2d = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        for k0 in tl.range(0, ROWS_PER_PROGRAM, BLOCK_K, num_stages=NUM_STAGES):
+            offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)  # rows >= K (last program) are masked
             k_mask = offs_k < K
             x_vec = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
             if HAS_THRESHOLDS:
@@ -163,7 +162,7 @@ class GemvConfig:
     num_stages: int = 4
     num_warps: int = 4
     programs_per_sm: int = 2
-    use_dot: Optional[bool] = None  # None: tl.dot iff B > 1
+    use_dot: Optional[bool] = None  # tl.dot for B == 1 too if True; B > 1 always uses tl.dot
 
     def __post_init__(self):
         for name in ("block_k", "block_n"):
@@ -332,7 +331,7 @@ def _launch(
     else:
         acc = torch.zeros(B * N, dtype=torch.float32, device=x.device)
         counts = torch.zeros(grid_n, dtype=torch.int32, device=x.device)
-    use_dot = B > 1 if config.use_dot is None else config.use_dot
+    use_dot = B > 1 or bool(config.use_dot)  # the FMA path handles one row only
     wrap_triton(_sparse_gemv_kernel)[(grid_n, grid_k)](
         x,
         w_t,
@@ -344,7 +343,7 @@ def _launch(
         K,
         N,
         x.stride(0),
-        rows_per_program,
+        ROWS_PER_PROGRAM=rows_per_program,
         HAS_THRESHOLDS=thresholds is not None,
         USE_DOT=use_dot,
         B_PAD=16 if use_dot else 1,

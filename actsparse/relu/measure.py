@@ -54,7 +54,7 @@ class ActivationTap:
         def hook(module, inputs, a):
             # a: [B, T, F]
             if self.track_l1:
-                self.l1_terms.append(a.abs().float().mean())
+                self.l1_terms.append(a.abs().mean(dtype=torch.float32))
             if self.count_zeros:
                 self.zeros[index] = self.zeros[index] + (a == 0).sum()
                 self.total[index] += a.numel()

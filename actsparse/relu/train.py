@@ -185,7 +185,8 @@ class TrainHistory:
     kl: list[float] = field(default_factory=list)
     sparsity: list[float] = field(default_factory=list)  # zeros of act(gate(x)) in the step's batch
     lr: list[float] = field(default_factory=list)
-    seconds: float = 0.0  # wall time of the optimizer steps (this run and resumed parts)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+    seconds: float = 0.0  # total wall time of the optimizer steps (this run and resumed parts)
     tokens: int = 0
 
     @property
@@ -370,7 +371,8 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
             history.kl.append(kl_v)
             history.sparsity.append(tap.sparsity())
             history.lr.append(lr)
-            history.seconds += time.perf_counter() - t0
+            history.step_seconds.append(time.perf_counter() - t0)
+            history.seconds += history.step_seconds[-1]
             history.tokens += config.batch_tokens
             if bar is not None:
                 bar.update(1)

@@ -1,0 +1,298 @@
+"""ReLU path on SmolLM2-135M: relufication, fine-tuning, progressive L1 (ProSparse), FATReLU.
+
+Measures, on wiki_eval (perplexity over non-overlapping 1024-token windows, and the fraction of exact
+zeros of the MLP intermediate activation act(gate(x)), i.e. the input-side sparsity of down_proj):
+
+  original SiLU model | relufied, no training | relufied + fine-tune (L1 off) | + progressive L1
+  (a sweep of peak factors) | + FATReLU threshold | + distillation variant | and the control: the
+  SiLU model fine-tuned on the same tokens with the same budget (steps, lr, batch).
+
+Every fine-tune sees the same batches (same seed) of wiki_calib minus its last 5%, which is held
+out and is the only text used for choices (FATReLU threshold, which L1 peak is the headline);
+wiki_eval is used for reporting only. The number of steps is sized from a throughput probe so the
+whole script fits a time budget (``--train-budget-s``), capped at ``--max-epochs`` passes over the
+training text. Results go to ``$OUT/relu_smollm2.json`` (written after every stage, so a cut-off run
+still leaves its figures); the last line printed is one JSON document.
+
+    PYTHONPATH=. python3 benchmarks/relu_smollm2.py --model /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
+    PYTHONPATH=. python3 benchmarks/relu_smollm2.py --tiny   # CPU smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from actsparse.relu import (
+    FatThresholdConfig,
+    L1Schedule,
+    ReluConfig,
+    TrainConfig,
+    evaluate_relu,
+    fat_thresholds,
+    relufy_,
+    select_fat_threshold_,
+    split_holdout,
+    train_relu,
+)
+from actsparse.relu.measure import tokenize
+from benchmarks.common import env_header
+
+GOAL_SPARSITY = 0.85
+GOAL_PPL_RATIO = 1.10  # final perplexity <= 1.10 x the SiLU control's
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="GGUF file, HF folder or 'smollm2-135m'")
+    p.add_argument("--tiny", action="store_true", help="tiny random Llama + byte tokenizer (CPU smoke test)")
+    p.add_argument("--out", default=os.environ.get("OUT", "out/relu_smollm2"))
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-epochs", type=float, default=5.0)
+    p.add_argument("--max-steps", type=int, default=0, help="0 = sized by the time budget and max-epochs")
+    p.add_argument("--train-budget-s", type=float, default=300.0, help="wall time for all fine-tunes")
+    p.add_argument("--deadline-s", type=float, default=500.0, help="skip runs that would end after this")
+    p.add_argument("--peaks", default="0.5,2,8,32", help="final L1 factors to sweep")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="0 = no distillation variant")
+    p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
+    p.add_argument("--holdout-fraction", type=float, default=0.05)
+    return p.parse_args(argv)
+
+
+def tiny_setup():
+    """A 4-layer random Llama with a byte-level tokenizer, and synthetic text (script smoke test)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    words = [f"w{i}" for i in range(50)]
+    text = lambda seed: "\n".join(" ".join(words[(i * 7 + j * seed) % 50] for j in range(12)) for i in range(3000))  # noqa: E731
+    return model, tok, text(3), text(5)
+
+
+def subsample(values, n=60):
+    step = max(1, math.ceil(len(values) / n))
+    return [round(v, 5) if isinstance(v, float) else v for v in values[::step]]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    doc = {"benchmark": "relu_smollm2", **env_header(), "command": "python " + " ".join(sys.argv),
+           "args": vars(args), "stages": {}, "runs": {}, "skipped": [], "log": []}
+    if args.tiny:
+        args.context, args.eval_tokens = 64, 2048
+
+    def save():
+        doc["elapsed_s"] = round(time.time() - t_start, 1)
+        tmp = out / "relu_smollm2.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        os.replace(tmp, out / "relu_smollm2.json")
+
+    def log(msg):
+        line = f"[{time.time() - t_start:7.1f}s] {msg}"
+        print(line, flush=True)
+        doc["log"].append(line)
+
+    # ---- model and text ------------------------------------------------------------------------
+    if args.tiny:
+        original, tok, calib, evaltext = tiny_setup()
+        original.to(device)
+    else:
+        from actsparse.io import read_text
+        from actsparse.models import load_model
+
+        original, tok = load_model(args.model, dtype=torch.float32, device=device)
+        calib, evaltext = read_text("wiki_calib"), read_text("wiki_eval")
+    original.eval().requires_grad_(False)
+    doc["model"] = {"name": getattr(original, "name_or_path", "tiny"), "params": sum(p.numel() for p in original.parameters()),
+                    "layers": original.config.num_hidden_layers, "intermediate_size": original.config.intermediate_size}
+    train_text, holdout_text = split_holdout(calib, args.holdout_fraction)
+    eval_ids = tokenize(tok, evaltext)[: args.eval_tokens]
+    holdout_ids = tokenize(tok, holdout_text)
+    train_tokens = tokenize(tok, train_text).numel()
+    doc["data"] = {"train_tokens": train_tokens, "holdout_tokens": holdout_ids.numel(),
+                   "eval_tokens": eval_ids.numel() // args.context * args.context}
+    log(f"loaded; train {train_tokens} tokens, holdout {holdout_ids.numel()}, eval {eval_ids.numel()}")
+
+    def measure(model, name, **extra):
+        ev = evaluate_relu(model, tok, "", context=args.context, max_tokens=args.eval_tokens, ids=eval_ids)
+        ho = evaluate_relu(model, tok, "", context=args.context, max_tokens=holdout_ids.numel(), ids=holdout_ids)
+        row = {"eval_ppl": ev.perplexity, "eval_sparsity": ev.sparsity, "eval_tokens_predicted": ev.tokens,
+               "holdout_ppl": ho.perplexity, "holdout_sparsity": ho.sparsity,
+               "eval_layer_sparsity": [round(v, 4) for v in ev.layer_sparsity.values()], **extra}
+        doc["stages"][name] = row
+        log(f"{name:28s} eval ppl {ev.perplexity:9.3f}  sparsity {ev.sparsity:.4f}  | holdout ppl {ho.perplexity:9.3f}"
+            f"  sparsity {ho.sparsity:.4f}")
+        save()
+        return row
+
+    measure(original, "original_silu")
+    relu0 = relufy_(copy.deepcopy(original), ReluConfig())
+    measure(relu0, "relufied_no_training")
+    del relu0
+
+    # ---- throughput probe and step budget --------------------------------------------------------
+    peaks = [float(x) for x in args.peaks.split(",") if x.strip()]
+
+    def config(steps, l1_peak=None, distill=0.0):
+        l1 = L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak], warmup_steps=steps // 5) \
+            if l1_peak else None
+        return TrainConfig(steps=steps, seq_len=args.context, batch_size=args.batch_size,
+                           micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
+                           weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, seed=0, log_every=10)
+
+    def probe(distill, checkpoint_dir=None):
+        m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
+        h = train_relu(m, tok, train_text, config(6, l1_peak=1.0, distill=distill), checkpoint_dir=checkpoint_dir,
+                       teacher=original if distill else None, progress=False)
+        return args.batch_size * args.context / statistics.median(h.step_seconds[2:]), m
+
+    ckpt_root = Path(os.environ.get("TMPDIR", "/tmp")) / "relu_smollm2_ckpt"
+    tps, straight = probe(0.0, ckpt_root / "straight")
+    # Checkpoint/resume on this device: 3 steps, then resume for 3 more, against the 6 straight steps.
+    m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
+    train_relu(m, tok, train_text, config(6, l1_peak=1.0), checkpoint_dir=ckpt_root / "split", stop_after=3,
+               progress=False)
+    m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
+    train_relu(m, tok, train_text, config(6, l1_peak=1.0), checkpoint_dir=ckpt_root / "split", resume=True,
+               progress=False)
+    diffs = [(a - b).abs().max().item() for a, b in zip(straight.state_dict().values(), m.state_dict().values())]
+    doc["resume_check"] = {"max_abs_weight_diff": max(diffs), "identical": max(diffs) == 0.0,
+                           "note": "6 steps straight vs 3 + resume 3, bf16 autocast on this device"}
+    log(f"resume check: max |w_straight - w_resumed| = {max(diffs):.3g}")
+    del straight, m
+    tps_distill = probe(args.distill_alpha)[0] if args.distill_alpha > 0 else tps
+    batch_tokens = args.batch_size * args.context
+    n_plain = 2 + len(peaks)  # control, relu (L1 off), one run per L1 peak
+    per_step_s = n_plain * batch_tokens / tps + (batch_tokens / tps_distill if args.distill_alpha > 0 else 0)
+    steps_time = int(args.train_budget_s / per_step_s)
+    steps_epochs = int(args.max_epochs * train_tokens / batch_tokens)
+    steps = args.max_steps or max(10, min(steps_time, steps_epochs))
+    doc["budget"] = {"tokens_per_s": tps, "tokens_per_s_distill": tps_distill, "batch_tokens": batch_tokens,
+                     "steps_by_time": steps_time, "steps_by_epochs": steps_epochs, "steps": steps,
+                     "epochs": steps * batch_tokens / train_tokens}
+    log(f"throughput {tps:.0f} tok/s ({tps_distill:.0f} with distillation) -> {steps} steps "
+        f"({steps * batch_tokens / train_tokens:.2f} epochs) per run")
+    save()
+
+    def fits(seconds_needed):
+        return time.time() - t_start + seconds_needed < args.deadline_s
+
+    def run(name, silu=False, l1_peak=None, distill=0.0, fat=True):
+        cfg = config(steps, l1_peak, distill)
+        need = steps * batch_tokens / (tps_distill if distill else tps) * 1.1 + (15 if fat else 5)
+        if not fits(need):
+            doc["skipped"].append({"run": name, "needed_s": need})
+            log(f"skip {name}: needs ~{need:.0f}s, past the deadline")
+            save()
+            return None
+        model = copy.deepcopy(original).requires_grad_(True)
+        if not silu:
+            relufy_(model, ReluConfig())
+        h = train_relu(model, tok, train_text, cfg, teacher=original if distill else None, progress=False)
+        model.requires_grad_(False)
+        doc["runs"][name] = {
+            "train_config": asdict(cfg), "seconds": h.seconds, "tokens": h.tokens,
+            "tokens_per_s": h.tokens_per_second, "final_lm_loss": statistics.mean(h.lm_loss[-5:]),
+            "final_train_sparsity": statistics.mean(h.sparsity[-5:]),
+            "history": {"step": subsample(h.step), "lm_loss": subsample(h.lm_loss), "l1": subsample(h.l1),
+                        "l1_factor": subsample(h.l1_factor), "sparsity": subsample(h.sparsity),
+                        "kl": subsample(h.kl)},
+        }
+        measure(model, name, steps=steps)
+        if silu or not fat:
+            return model
+        fat_cfg = FatThresholdConfig(max_ppl_increase=args.fat_tol, context=args.context,
+                                     max_tokens=holdout_ids.numel(), search_steps=8)
+        r = select_fat_threshold_(model, tok, holdout_text, fat_cfg)
+        measure(model, name + "+fat", steps=steps, fat_threshold=r.threshold, fat_trials=r.trials,
+                fat_holdout_base_ppl=r.base_perplexity)
+        doc["stages"][name + "+fat"]["thresholds"] = fat_thresholds(model)
+        save()
+        return model
+
+    control = run("silu_finetune_control", silu=True)
+    run("relu_finetune_l1_off")
+    for peak in peaks:
+        run(f"relu_l1_peak{peak:g}", l1_peak=peak)  # the model is dropped: its figures are in doc
+
+    # ---- headline: chosen on the held-out calibration text only ----------------------------------
+    def choose():
+        if control is None:
+            return None
+        limit = GOAL_PPL_RATIO * doc["stages"]["silu_finetune_control"]["holdout_ppl"]
+        ok = [(row["holdout_sparsity"], name) for name, row in doc["stages"].items()
+              if name.startswith("relu_") and row["holdout_ppl"] <= limit]
+        return max(ok)[1] if ok else None
+
+    best = choose()
+    if args.distill_alpha > 0 and peaks:
+        peak = peaks[len(peaks) // 2]
+        if best is not None and "peak" in best:
+            peak = float(best.split("peak")[1].split("+")[0])
+        run(f"relu_l1_peak{peak:g}_distill{args.distill_alpha:g}", l1_peak=peak, distill=args.distill_alpha)
+        best = choose()
+
+    ctrl = doc["stages"].get("silu_finetune_control")
+    summary = {"goal": {"sparsity": GOAL_SPARSITY, "ppl_ratio_vs_control": GOAL_PPL_RATIO},
+               "control_eval_ppl": ctrl["eval_ppl"] if ctrl else None, "headline": best}
+    if best is not None and ctrl:
+        row = doc["stages"][best]
+        summary.update(eval_ppl=row["eval_ppl"], eval_sparsity=row["eval_sparsity"],
+                       ppl_ratio_vs_control=row["eval_ppl"] / ctrl["eval_ppl"],
+                       goal_met=row["eval_sparsity"] >= GOAL_SPARSITY
+                       and row["eval_ppl"] <= GOAL_PPL_RATIO * ctrl["eval_ppl"])
+        doc["final_model"] = {"stage": best, "relu_config": asdict(ReluConfig()),
+                              "fat_thresholds": row.get("thresholds", {}),
+                              "train_config": doc["runs"][best.split("+")[0]]["train_config"]}
+    else:
+        summary["goal_met"] = False
+    doc["summary"] = summary
+    log("summary " + json.dumps(summary))
+
+    # Cross-check our batched evaluation with the library's perplexity on the control model.
+    try:
+        from actsparse.evaluate import perplexity
+        if control is not None:
+            ref = perplexity(control, tok, evaltext, context=args.context, max_tokens=args.eval_tokens, progress=False)
+            doc["crosscheck_control_eval_ppl_actsparse_evaluate"] = ref["ppl"]
+    except ImportError:
+        pass
+    save()
+    compact = {k: doc[k] for k in ("benchmark", "date", "commit", "gpu", "torch", "triton", "budget", "summary")
+               if k in doc}
+    compact["table"] = {n: {"eval_ppl": round(r["eval_ppl"], 3), "eval_sparsity": round(r["eval_sparsity"], 4),
+                            "holdout_ppl": round(r["holdout_ppl"], 3)} for n, r in doc["stages"].items()}
+    print(json.dumps(compact, separators=(",", ":")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
