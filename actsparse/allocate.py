@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ActsparseError
 from .models import SITES, decoder_layers, input_sites
-from .sparsify import SparseLinear, densify_, sparse_linears, swap_linears_
+from .sparsify import SparseLinear, threshold_modules
 
 MAX_SITE_SPARSITY = 0.99
 
@@ -56,18 +57,17 @@ def capture_block_io(model: nn.Module, input_ids: torch.Tensor) -> BlockIO:
     return io
 
 
-def _weighted(sparsity: list[float], weights: list[int]) -> float:
-    return sum(s * w for s, w in zip(sparsity, weights)) / sum(weights)
+def _weighted(sparsity: list[float], weights: list[int], total: int | None = None) -> float:
+    return sum(s * w for s, w in zip(sparsity, weights)) / (total or sum(weights))
 
 
 @torch.no_grad()
 def greedy_allocation(model: nn.Module, block_io: BlockIO, calib, criterion, levels: list[float],
                       step: float = 0.025, progress: bool = True) -> torch.Tensor:
     """Per-site sparsity table [len(levels), blocks, 4] (site order: ``models.SITES``)."""
-    had_sparse = bool(sparse_linears(model))
-    saved = {n: m.thresholds.clone() for n, m in sparse_linears(model).items()}
-    swap_linears_(model) if not had_sparse else None
-    mods = sparse_linears(model)
+    saved = {n: m.thresholds.clone() for n, m in threshold_modules(model).items()}
+    undo = criterion.install_(model)  # SparseLinears (and e.g. CATS MLPs) if missing
+    mods = threshold_modules(model)
     _, layers = decoder_layers(model)
     sites = input_sites(model)
     by_block: dict[int, list] = {}
@@ -81,8 +81,8 @@ def greedy_allocation(model: nn.Module, block_io: BlockIO, calib, criterion, lev
         bar = tqdm(total=len(layers), desc=f"greedy ({criterion.name})", unit="block", disable=not progress)
         for i, layer in enumerate(layers):
             block_sites = sorted(by_block[i], key=lambda s: SITES.index(s.site))
-            weights = [s.weight_numel for s in block_sites]
-            total_w = sum(weights)
+            weights = [criterion.site_weight(s) for s in block_sites]  # elements skipped per unit sparsity
+            total_w = sum(s.weight_numel for s in block_sites)  # every element of the block
             args, kwargs = block_io.calls[i]
             target = block_io.outputs[i]
             scale = target.float().pow(2).mean().clamp_min(1e-30)
@@ -96,18 +96,17 @@ def greedy_allocation(model: nn.Module, block_io: BlockIO, calib, criterion, lev
 
             def error(alloc: list[float]) -> float:
                 for site, s in zip(block_sites, alloc):
-                    t = thresholds_for(site, s)
-                    for name in site.linears:
+                    for name, t in criterion.threshold_entries(site, thresholds_for(site, s)).items():
                         mods[name].set_thresholds(t)
                 out = _first(layer(*args, **kwargs))
                 return float((out.float() - target.float()).pow(2).mean() / scale)
 
             alloc = [0.0] * len(block_sites)
             path = [(0.0, list(alloc))]
-            while _weighted(alloc, weights) < levels[-1] - 1e-9:
+            while _weighted(alloc, weights, total_w) < levels[-1] - 1e-9:
                 best = None
                 for j, w in enumerate(weights):
-                    if alloc[j] >= MAX_SITE_SPARSITY:
+                    if alloc[j] >= MAX_SITE_SPARSITY or w == 0:
                         continue
                     cand = list(alloc)
                     cand[j] = min(MAX_SITE_SPARSITY, alloc[j] + step * total_w / w)
@@ -117,22 +116,25 @@ def greedy_allocation(model: nn.Module, block_io: BlockIO, calib, criterion, lev
                 if best is None:
                     break
                 alloc = best[1]
-                path.append((_weighted(alloc, weights), list(alloc)))
+                path.append((_weighted(alloc, weights, total_w), list(alloc)))
 
             for li, level in enumerate(levels):
                 greedy = _interpolate(path, level)
-                uniform = [level] * len(block_sites)
-                if level > 0 and error(uniform) < error(greedy):
+                try:
+                    per_site = criterion.uniform_allocation(block_sites, level)
+                    uniform = [per_site[s.name] for s in block_sites]
+                except ActsparseError:  # beyond the criterion's reach
+                    uniform = None
+                if level > 0 and uniform is not None and error(uniform) < error(greedy):
                     greedy = uniform
                 table[li, i] = torch.tensor(greedy)
             bar.update(1)
         bar.close()
     finally:
-        if had_sparse:
-            for n, m in mods.items():
+        for n, m in mods.items():
+            if n in saved:
                 m.set_thresholds(saved[n])
-        else:
-            densify_(model)
+        undo()
     return table
 
 

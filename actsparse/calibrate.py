@@ -213,7 +213,9 @@ def calibrate(model: nn.Module, tokenizer, text: str, config: CalibrationConfig 
 
     handles = []
     for module, key, fn in recorders:
-        histograms.setdefault(key, torch.zeros(HIST_BINS + 2, dtype=torch.float64))
+        if key in histograms:  # criteria that share a statistic (e.g. magnitude and cats on q/k/v) record it once
+            continue
+        histograms[key] = torch.zeros(HIST_BINS + 2, dtype=torch.float64)
 
         def hook(mod, args, output=None, key=key, fn=fn):
             histogram_add(histograms[key], fn(args, output))

@@ -54,7 +54,9 @@ def calibrate(
     seq_len: int = typer.Option(1024, help="sequence length"),
     greedy: bool = typer.Option(True, help="also compute TEAL's greedy allocation"),
     greedy_tokens: int = typer.Option(2048, help="tokens used by the greedy allocation"),
-    criteria: str = typer.Option("magnitude", help="comma-separated criteria to calibrate"),
+    criteria: str = typer.Option("magnitude", help="comma-separated criteria to calibrate: magnitude, wina, cats, cats_wina"),
+    rotate: bool = typer.Option(False, help="rotate the residual stream by its PCA first (LaRoSa-style; "
+                                            "stored in the calibration, applied again by sparsify/eval)"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
 ):
@@ -64,7 +66,7 @@ def calibrate(
 
     cfg = CalibrationConfig(tokens=tokens, seq_len=seq_len, greedy=greedy, greedy_tokens=greedy_tokens,
                             criteria=tuple(_words(criteria)))
-    _emit(run_calibrate(model, text, out, cfg, dtype=dtype, device=device))
+    _emit(run_calibrate(model, text, out, cfg, dtype=dtype, device=device, rotate=rotate))
 
 
 @app.command()
@@ -73,7 +75,7 @@ def sparsify(
     sparsity: float = typer.Option(..., help="target model-wide sparsity in [0, 1)"),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     allocation: str = typer.Option("greedy", help="uniform | greedy"),
-    criterion: str = typer.Option("magnitude", help="magnitude (TEAL) or another calibrated criterion"),
+    criterion: str = typer.Option("magnitude", help="magnitude (TEAL), wina, cats, cats_wina (calibrated with it)"),
     out: str = typer.Option("thresholds.safetensors", help="output thresholds file"),
     refine_tokens: int = typer.Option(16384, help="calibration tokens to refine thresholds under upstream sparsity (0: off)"),
     text: Optional[str] = typer.Option(None, help="calibration text for refinement (default: the one named in the calibration)"),

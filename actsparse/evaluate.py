@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import tokenize_windows
-from .sparsify import apply_thresholds_, sparse_linears, swap_linears_, track_sparsity, zero_thresholds
+from .sparsify import (apply_thresholds_, sparse_linears, swap_linears_, threshold_modules, track_sparsity,
+                       zero_thresholds)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def evaluate(model: nn.Module, tokenizer, text: str, threshold_sets: dict[str, d
     device = next(model.parameters()).device
     if not sparse_linears(model):
         swap_linears_(model)
-    original = {n: m.thresholds.clone() for n, m in sparse_linears(model).items()}
+    original = {n: m.thresholds.clone() for n, m in threshold_modules(model).items()}
     dense_t = zero_thresholds(model)
     dense = _Acc()
     accs = {name: _Acc() for name in threshold_sets}

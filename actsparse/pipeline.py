@@ -16,20 +16,27 @@ from .errors import ActsparseError
 from .evaluate import evaluate
 from .io import check_writable, read_text, write_json
 from .models import DEFAULT_MODEL, load_model
+from .rotate import prepare_model_
 from .sparsify import TealConfig, sparsify_
 from .thresholds import ThresholdSet, compute_thresholds, load_thresholds, refine_thresholds
 
 
 def run_calibrate(model: str, text: str, out: str, config: CalibrationConfig, dtype: str = "float32",
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", rotate: bool = False) -> dict:
     check_writable(out)
     body = read_text(text)
     mdl, tok = load_model(model, dtype=dtype, device=device)
     t0 = time.perf_counter()
-    calib = calibrate(mdl, tok, body, config, text_name=str(text))
+    if rotate:  # PCA rotation folded into the weights first; the calibration carries it
+        from .rotate import RotationConfig, calibrate_rotated
+
+        rot = RotationConfig(tokens=min(config.tokens, 16384), seq_len=config.seq_len)
+        calib = calibrate_rotated(mdl, tok, body, config, rot, text_name=str(text))
+    else:
+        calib = calibrate(mdl, tok, body, config, text_name=str(text))
     calib.save(out)
     return {"calibration": str(out), "model": calib.meta["model"], "tokens": calib.meta["tokens"],
-            "criteria": calib.meta["criteria"], "greedy": bool(calib.allocations),
+            "criteria": calib.meta["criteria"], "greedy": bool(calib.allocations), "rotated": rotate,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -49,7 +56,7 @@ def run_sparsify(model: str, calibration: str, out: str, sparsity: float, alloca
     check_writable(out)
     calib = Calibration.load(calibration)
     mdl, tok = load_model(model)
-    calib.check_model(mdl)
+    prepare_model_(mdl, calib)  # rotates a fresh model if the calibration was made on a rotated one
     ts = thresholds_for(mdl, tok, calib, sparsity, allocation, criterion, refine_tokens, text)
     ts.save(out)
     per_site = ts.meta["site_sparsity"]
@@ -68,7 +75,7 @@ def threshold_sets_from(model, tok, calibration: str | None, sparsities: list[fl
         if calibration is None:
             raise ActsparseError("--sparsity needs --calib (a calibration file)")
         calib = Calibration.load(calibration)
-        calib.check_model(model)
+        prepare_model_(model, calib)
         for crit in criteria:
             for alloc in allocations:
                 for s in sparsities:

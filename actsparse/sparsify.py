@@ -179,6 +179,13 @@ def sparse_linears(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
+def threshold_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module a threshold set addresses: the SparseLinears and the gate-threshold modules
+    (CATS, ``actsparse.gated.CatsActivation``: an absent entry there means off, i.e. 0)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, SparseLinear) or getattr(m, "is_gate_threshold", False)}
+
+
 def apply_thresholds_(model: nn.Module, thresholds: dict[str, torch.Tensor]) -> None:
     """Load a threshold set into the model's :class:`SparseLinear` modules (every one must be named)."""
     mods = sparse_linears(model)
@@ -189,6 +196,16 @@ def apply_thresholds_(model: nn.Module, thresholds: dict[str, torch.Tensor]) -> 
         raise ActsparseError(f"thresholds missing for {len(missing)} layers, e.g. {missing[0]}")
     for name, mod in mods.items():
         mod.set_thresholds(thresholds[name])
+    gates = {n: m for n, m in threshold_modules(model).items() if n not in mods}
+    for name, mod in gates.items():
+        mod.set_thresholds(thresholds.get(name, 0.0))
+    stray = [k for k in thresholds if k not in mods and k not in gates]
+    if stray:
+        named = dict(model.named_modules())
+        if any(k in named for k in stray):
+            raise ActsparseError(
+                f"thresholds for {stray[0]}, which holds none: install the modules of the set's criterion first "
+                "(sparsify_ with its config)")
 
 
 def zero_thresholds(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -200,22 +217,28 @@ def _teal(model: nn.Module, config: TealConfig) -> nn.Module:
     from .calibrate import Calibration
     from .thresholds import compute_thresholds, load_thresholds
 
+    from .criteria import get_criterion
+
     decoder_layers(model)  # fails clearly on an unsupported model
+    criterion = config.criterion
     if config.thresholds is not None:
         thresholds = config.thresholds
         if not isinstance(thresholds, dict):
             thresholds, meta = load_thresholds(thresholds, model=model)
+            criterion = meta.get("criterion", criterion)
     elif config.calibration is not None:
+        from .rotate import prepare_model_
+
         calib = config.calibration
         if not isinstance(calib, Calibration):
             calib = Calibration.load(calib)
-        calib.check_model(model)
+        prepare_model_(model, calib)  # applies the calibration's rotation, if any, then checks the model
         thresholds = compute_thresholds(model, calib, config.sparsity, config.allocation, config.criterion).thresholds
     elif config.sparsity == 0:
         thresholds = None
     else:
         raise ActsparseError("TealConfig needs a calibration or thresholds for sparsity > 0")
-    swap_linears_(model, prefill_dense=config.prefill_dense, backend=config.backend)
+    get_criterion(criterion).install_(model, prefill_dense=config.prefill_dense, backend=config.backend)
     if thresholds is not None:
         apply_thresholds_(model, thresholds)
     return model

@@ -35,9 +35,12 @@ def site_sparsities(model: nn.Module, calib, sparsity: float, allocation: str, c
     """Target sparsity of every input site (keyed by site name)."""
     if not 0.0 <= sparsity < 1.0:
         raise ActsparseError(f"sparsity must be in [0, 1), got {sparsity}")
+    from .criteria import get_criterion
+
     sites = input_sites(model)
+    crit = get_criterion(criterion)
     if allocation == "uniform":
-        return {s.name: float(sparsity) for s in sites}
+        return crit.uniform_allocation(sites, float(sparsity))
     if allocation != "greedy":
         raise ActsparseError(f"allocation must be 'uniform' or 'greedy', got '{allocation}'")
     table = calib.allocations.get(criterion)
@@ -58,6 +61,9 @@ def site_sparsities(model: nn.Module, calib, sparsity: float, allocation: str, c
     out = {}
     for s in sites:
         out[s.name] = float(alloc[s.layer, SITES.index(s.site)])
+    reached = sum(out[s.name] * crit.site_weight(s) for s in sites) / sum(s.weight_numel for s in sites)
+    if reached < sparsity - 0.01:  # a criterion that cannot skip every weight (CATS reads the gate)
+        raise ActsparseError(f"criterion '{criterion}' reaches at most model-wide sparsity {reached:.3f}")
     return out
 
 
@@ -71,8 +77,7 @@ def compute_thresholds(model: nn.Module, calib, sparsity: float, allocation: str
     thresholds = {}
     for site in input_sites(model):
         t = crit.site_thresholds(calib, site, per_site[site.name])
-        for name in site.linears:
-            thresholds[name] = t.clone()
+        thresholds.update(crit.threshold_entries(site, t))
     meta = {
         "kind": "thresholds",
         "model": calib.meta.get("model"),
@@ -99,16 +104,15 @@ def refine_thresholds(model: nn.Module, tokenizer, text: str, calib, ts: Thresho
     """
     from .calibrate import HIST_BINS, Calibration, histogram_add, tokenize_windows
     from .criteria import get_criterion
-    from .sparsify import apply_thresholds_, sparse_linears, swap_linears_
+    from .sparsify import apply_thresholds_, threshold_modules
 
     crit = get_criterion(ts.meta["criterion"])
     seq_len = seq_len or int(calib.meta.get("seq_len", 1024))
     windows = tokenize_windows(tokenizer, text, seq_len, tokens, "calibration")
     device = next(model.parameters()).device
     sites = input_sites(model)
-    if not sparse_linears(model):
-        swap_linears_(model)
-    saved = {n: m.thresholds.clone() for n, m in sparse_linears(model).items()}
+    crit.install_(model)  # SparseLinears (and the criterion's other modules) if missing
+    saved = {n: m.thresholds.clone() for n, m in threshold_modules(model).items()}
     targets = ts.meta["site_sparsity"]
     thresholds = dict(ts.thresholds)
     try:
@@ -133,8 +137,7 @@ def refine_thresholds(model: nn.Module, tokenizer, text: str, calib, ts: Thresho
             thresholds = {}
             for site in sites:
                 t = crit.site_thresholds(sparse_calib, site, targets[site.name])
-                for name in site.linears:
-                    thresholds[name] = t.clone()
+                thresholds.update(crit.threshold_entries(site, t))
     finally:
         apply_thresholds_(model, saved)
     meta = dict(ts.meta, refined_tokens=int(windows.numel()), refine_iterations=iterations)

@@ -54,15 +54,13 @@ BATCH_SHAPES = ("llama3-8b.qkv", "llama3-8b.gate_up", "llama3-8b.down")
 BATCHES = (2, 4, 8)
 
 C = GemvConfig
-SWEEP_B1 = [  # (block_k, block_n, num_stages, num_warps, programs_per_sm[, use_dot])
-    C(16, 256, 4, 4, 2), C(32, 256, 4, 4, 2), C(32, 256, 3, 8, 2), C(16, 512, 4, 8, 2),
-    C(32, 128, 4, 4, 4), C(16, 256, 6, 4, 2), C(32, 512, 3, 8, 1), C(16, 256, 4, 4, 4),
-    C(32, 256, 4, 8, 3), C(64, 128, 3, 4, 2), C(16, 128, 6, 4, 4), C(32, 256, 6, 8, 2),
-    C(64, 128, 3, 4, 2, True), C(32, 256, 4, 4, 2, True), C(64, 256, 3, 8, 2, True), C(128, 128, 3, 8, 2, True),
+SWEEP_B1 = [  # (block_k, block_n, num_stages, num_warps, programs_per_sm[, max_steps, use_dot])
+    C(16, 256, 1, 4, 6), C(32, 128, 1, 4, 6), C(16, 128, 1, 4, 8), C(32, 256, 1, 8, 4),
+    C(16, 512, 1, 8, 4), C(32, 64, 1, 2, 12), C(64, 128, 1, 8, 4), C(16, 256, 1, 4, 12),
+    C(32, 256, 4, 4, 2), C(32, 256, 4, 4, 4), C(32, 128, 4, 4, 4),
 ]
 SWEEP_BATCHED = [
-    C(64, 128, 3, 4, 2), C(32, 128, 4, 4, 2), C(32, 256, 4, 4, 2), C(64, 256, 3, 8, 2),
-    C(128, 128, 3, 8, 2), C(64, 128, 4, 4, 4), C(32, 256, 4, 8, 3), C(64, 64, 4, 4, 4),
+    C(32, 256, 1, 4, 4), C(64, 128, 1, 4, 4), C(32, 128, 1, 4, 8), C(32, 256, 4, 4, 2), C(64, 256, 3, 8, 2),
 ]
 
 
@@ -283,10 +281,22 @@ def run_sweep(ceiling, quick) -> dict:
                 log(f"sweep B={B} {name:20s} s=0.5 best {best} {times[best]:.2f} us; default {default} "
                     f"x{out['batched'][-1]['default_over_best']}")
         prob.free()
+    out["chosen_b1"] = _best_overall(out["b1"], SWEEP_B1)
+    out["chosen_batched"] = _best_overall(out["batched"], SWEEP_BATCHED) if out["batched"] else None
+    log(f"sweep choice: B=1 {out['chosen_b1']}, B>1 {out['chosen_batched']}")
     return out
 
 
-def run_benchmark(ceiling, quick) -> list:
+def _best_overall(records, configs) -> str:
+    """The config with the lowest geometric mean of (time / best time) over all swept cases."""
+    def score(cfg):
+        ratios = [r["times_us"][str(cfg)] / min(r["times_us"].values()) for r in records]
+        return math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    return str(min(configs, key=score))
+
+
+def run_benchmark(ceiling, quick, configs=None) -> list:
+    """configs: {1: GemvConfig, "batched": GemvConfig} from a sweep, or None for pick_config."""
     rows = []
     shapes = dict(SHAPES)
     sparsities = SPARSITIES if not quick else (0.0, 0.5, 0.9)
@@ -308,9 +318,11 @@ def run_benchmark(ceiling, quick) -> list:
                 if key in done:  # same problem under another model's name: reuse the timing
                     us, rows_read = done[key]
                 else:
-                    us, rows_read = prob.time_sparse(B, s, seed=4)
+                    cfg = None if configs is None else configs[1 if B == 1 else "batched"]
+                    us, rows_read = prob.time_sparse(B, s, config=cfg, seed=4)
                     done[key] = (us, rows_read)
                 rec = row_record(name, K, N, B, s, us, rows_read, dense, elem, ceiling)
+                rec["config"] = str(configs[1 if B == 1 else "batched"]) if configs else str(pick_config(K, N, B))
                 rows.append(rec)
                 log(f"{name:20s} B={B} s={s:4.2f} (union {rec['union_sparsity']:.3f}) {rec['us']:8.2f} us  "
                     f"dense {rec['dense_us']:8.2f} us  x{rec['speedup']:.2f}  {rec['eff_tb_s']:.2f} TB/s "
@@ -346,11 +358,15 @@ def main(argv=None) -> int:
     ceiling = copy_ceiling_tb_s()
     doc["copy_ceiling"] = ceiling
     log(f"copy ceiling: {ceiling['tb_s']:.3f} TB/s (read+write)")
+    configs = None
     if args.sweep:
         doc["sweep"] = run_sweep(ceiling["tb_s"], args.quick)
         save_json(doc, args.out)  # keep the sweep even if the run is cut short later
         log(f"sweep done ({time.time() - t0:.0f}s)")
-    doc["rows"] = run_benchmark(ceiling["tb_s"], args.quick)
+        by_name = {str(c): c for c in SWEEP_B1 + SWEEP_BATCHED}
+        configs = {1: by_name[doc["sweep"]["chosen_b1"]],
+                   "batched": by_name.get(doc["sweep"]["chosen_batched"]) or pick_config(4096, 4096, 2)}
+    doc["rows"] = run_benchmark(ceiling["tb_s"], args.quick, configs)
     doc["elapsed_s"] = round(time.time() - t0, 1)
     save_json(doc, args.out)
     if os.environ.get("OUT"):

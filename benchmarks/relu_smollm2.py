@@ -68,8 +68,14 @@ def parse_args(argv=None):
     p.add_argument("--train-budget-s", type=float, default=300.0, help="wall time for all fine-tunes")
     p.add_argument("--deadline-s", type=float, default=500.0, help="skip runs that would end after this")
     p.add_argument("--peaks", default="0.5,2,8,32", help="final L1 factors to sweep")
-    p.add_argument("--distill-alpha", type=float, default=0.5, help="0 = no distillation variant")
+    p.add_argument("--distill-alpha", type=float, default=0.5,
+                   help="an extra L1 run distilled from the original model with this weight; 0 = none")
+    p.add_argument("--relu-distill-alpha", type=float, default=0.0,
+                   help="distillation weight of every ReLU run (L1 off and each L1 peak); 0 = plain LM loss")
     p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
+    p.add_argument("--fat-target", type=float, default=0.0,
+                   help="also report each L1 run with the FATReLU threshold of this holdout sparsity; 0 = no")
+    p.add_argument("--no-resume-check", action="store_true", help="skip the 6 vs 3+3 step resume check")
     p.add_argument("--holdout-fraction", type=float, default=0.05)
     return p.parse_args(argv)
 
@@ -91,6 +97,58 @@ def tiny_setup():
     words = [f"w{i}" for i in range(50)]
     text = lambda seed: "\n".join(" ".join(words[(i * 7 + j * seed) % 50] for j in range(12)) for i in range(3000))  # noqa: E731
     return model, tok, text(3), text(5)
+
+
+def headline_stage(doc) -> str | None:
+    """The ReLU stage with the highest *holdout* sparsity whose holdout perplexity is within
+    GOAL_PPL_RATIO of the control's (chosen without looking at the evaluation text); None if none."""
+    ctrl = doc["stages"].get("silu_finetune_control")
+    if ctrl is None:
+        return None
+    ok = [(row["holdout_sparsity"], name) for name, row in doc["stages"].items()
+          if name.startswith("relu_") and row["holdout_ppl"] <= GOAL_PPL_RATIO * ctrl["holdout_ppl"]]
+    return max(ok)[1] if ok else None
+
+
+def summarize(doc) -> dict:
+    """Goal check and the final model (thresholds + configs), from the figures in ``doc`` alone.
+
+    final model: the headline stage if one meets the perplexity rule on holdout; else the stage with
+    the lowest holdout perplexity among those reaching GOAL_SPARSITY on holdout; else the sparsest.
+    """
+    stages = doc["stages"]
+    ctrl, orig = stages.get("silu_finetune_control"), stages.get("original_silu")
+    relu = {n: r for n, r in stages.items() if n.startswith("relu_")}
+    best = headline_stage(doc)
+    if best is not None:
+        final, rule = best, f"highest holdout sparsity with holdout ppl <= {GOAL_PPL_RATIO} x control"
+    elif any(r["holdout_sparsity"] >= GOAL_SPARSITY for r in relu.values()):
+        final = min((r["holdout_ppl"], n) for n, r in relu.items() if r["holdout_sparsity"] >= GOAL_SPARSITY)[1]
+        rule = f"no stage within {GOAL_PPL_RATIO} x control: lowest holdout ppl at holdout sparsity >= {GOAL_SPARSITY}"
+    elif relu:
+        final = max((r["holdout_sparsity"], n) for n, r in relu.items())[1]
+        rule = f"no stage reaches {GOAL_SPARSITY} holdout sparsity: the sparsest"
+    else:
+        final, rule = None, "no ReLU stage ran"
+    summary = {"goal": {"sparsity": GOAL_SPARSITY, "ppl_ratio_vs_control": GOAL_PPL_RATIO},
+               "control_eval_ppl": ctrl["eval_ppl"] if ctrl else None,
+               "original_eval_ppl": orig["eval_ppl"] if orig else None,
+               "headline": best, "final_stage": final, "final_rule": rule, "goal_met": False}
+    if final is not None:
+        row = stages[final]
+        summary.update(eval_ppl=row["eval_ppl"], eval_sparsity=row["eval_sparsity"])
+        if ctrl:
+            summary["ppl_ratio_vs_control"] = row["eval_ppl"] / ctrl["eval_ppl"]
+            summary["goal_met"] = (row["eval_sparsity"] >= GOAL_SPARSITY
+                                   and row["eval_ppl"] <= GOAL_PPL_RATIO * ctrl["eval_ppl"])
+        if orig:
+            summary["ppl_ratio_vs_original"] = row["eval_ppl"] / orig["eval_ppl"]
+        doc["final_model"] = {"stage": final, "relu_config": asdict(ReluConfig()),
+                              "fat_thresholds": row.get("thresholds") or {  # no FATReLU stage: T = 0
+                                  f"model.layers.{i}.mlp.act_fn": 0.0 for i in range(doc["model"]["layers"])},
+                              "train_config": doc["runs"][final.split("+")[0]]["train_config"]}
+    doc["summary"] = summary
+    return summary
 
 
 def subsample(values, n=60):
@@ -175,23 +233,27 @@ def main(argv=None) -> int:
         return args.batch_size * args.context / statistics.median(h.step_seconds[2:]), m
 
     ckpt_root = Path(os.environ.get("TMPDIR", "/tmp")) / "relu_smollm2_ckpt"
-    tps, straight = probe(0.0, ckpt_root / "straight")
+    tps, straight = probe(0.0, None if args.no_resume_check else ckpt_root / "straight")
     # Checkpoint/resume on this device: 3 steps, then resume for 3 more, against the 6 straight steps.
-    m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
-    train_relu(m, tok, train_text, config(6, l1_peak=1.0), checkpoint_dir=ckpt_root / "split", stop_after=3,
-               progress=False)
-    m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
-    train_relu(m, tok, train_text, config(6, l1_peak=1.0), checkpoint_dir=ckpt_root / "split", resume=True,
-               progress=False)
-    diffs = [(a - b).abs().max().item() for a, b in zip(straight.state_dict().values(), m.state_dict().values())]
-    doc["resume_check"] = {"max_abs_weight_diff": max(diffs), "identical": max(diffs) == 0.0,
-                           "note": "6 steps straight vs 3 + resume 3, bf16 autocast on this device"}
-    log(f"resume check: max |w_straight - w_resumed| = {max(diffs):.3g}")
-    del straight, m
-    tps_distill = probe(args.distill_alpha)[0] if args.distill_alpha > 0 else tps
+    if not args.no_resume_check:
+        m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
+        train_relu(m, tok, train_text, config(6, l1_peak=1.0), checkpoint_dir=ckpt_root / "split", stop_after=3,
+                   progress=False)
+        m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
+        train_relu(m, tok, train_text, config(6, l1_peak=1.0), checkpoint_dir=ckpt_root / "split", resume=True,
+                   progress=False)
+        diffs = [(a - b).abs().max().item() for a, b in zip(straight.state_dict().values(), m.state_dict().values())]
+        doc["resume_check"] = {"max_abs_weight_diff": max(diffs), "identical": max(diffs) == 0.0,
+                               "note": "6 steps straight vs 3 + resume 3, bf16 autocast on this device"}
+        log(f"resume check: max |w_straight - w_resumed| = {max(diffs):.3g}")
+        del m
+    del straight
+    alpha_any = args.distill_alpha or args.relu_distill_alpha
+    tps_distill = probe(alpha_any)[0] if alpha_any > 0 else tps
     batch_tokens = args.batch_size * args.context
-    n_plain = 2 + len(peaks)  # control, relu (L1 off), one run per L1 peak
-    per_step_s = n_plain * batch_tokens / tps + (batch_tokens / tps_distill if args.distill_alpha > 0 else 0)
+    n_relu = 1 + len(peaks)  # relu (L1 off), one run per L1 peak
+    per_step_s = batch_tokens / tps + n_relu * batch_tokens / (tps_distill if args.relu_distill_alpha else tps) \
+        + (batch_tokens / tps_distill if args.distill_alpha > 0 else 0)
     steps_time = int(args.train_budget_s / per_step_s)
     steps_epochs = int(args.max_epochs * train_tokens / batch_tokens)
     steps = args.max_steps or max(10, min(steps_time, steps_epochs))
@@ -235,47 +297,35 @@ def main(argv=None) -> int:
         measure(model, name + "+fat", steps=steps, fat_threshold=r.threshold, fat_trials=r.trials,
                 fat_holdout_base_ppl=r.base_perplexity)
         doc["stages"][name + "+fat"]["thresholds"] = fat_thresholds(model)
+        if args.fat_target and l1_peak:
+            fat_cfg = FatThresholdConfig(max_ppl_increase=None, target_sparsity=args.fat_target,
+                                         context=args.context, max_tokens=holdout_ids.numel())
+            r = select_fat_threshold_(model, tok, holdout_text, fat_cfg)
+            measure(model, name + f"+fat@{args.fat_target:g}", steps=steps, fat_threshold=r.threshold)
+            doc["stages"][name + f"+fat@{args.fat_target:g}"]["thresholds"] = fat_thresholds(model)
         save()
         return model
 
     control = run("silu_finetune_control", silu=True)
-    run("relu_finetune_l1_off")
+    ra = args.relu_distill_alpha
+    tag = f"_distill{ra:g}" if ra else ""
+    run("relu_finetune_l1_off" + tag, distill=ra)
     for peak in peaks:
-        run(f"relu_l1_peak{peak:g}", l1_peak=peak)  # the model is dropped: its figures are in doc
+        run(f"relu_l1_peak{peak:g}" + tag, l1_peak=peak, distill=ra)  # the model is dropped: figures are in doc
 
     # ---- headline: chosen on the held-out calibration text only ----------------------------------
     def choose():
-        if control is None:
-            return None
-        limit = GOAL_PPL_RATIO * doc["stages"]["silu_finetune_control"]["holdout_ppl"]
-        ok = [(row["holdout_sparsity"], name) for name, row in doc["stages"].items()
-              if name.startswith("relu_") and row["holdout_ppl"] <= limit]
-        return max(ok)[1] if ok else None
+        return headline_stage(doc) if control is not None else None
 
     best = choose()
     if args.distill_alpha > 0 and peaks:
         peak = peaks[len(peaks) // 2]
         if best is not None and "peak" in best:
-            peak = float(best.split("peak")[1].split("+")[0])
+            peak = float(best.split("peak")[1].split("+")[0].split("_")[0])
         run(f"relu_l1_peak{peak:g}_distill{args.distill_alpha:g}", l1_peak=peak, distill=args.distill_alpha)
-        best = choose()
 
-    ctrl = doc["stages"].get("silu_finetune_control")
-    summary = {"goal": {"sparsity": GOAL_SPARSITY, "ppl_ratio_vs_control": GOAL_PPL_RATIO},
-               "control_eval_ppl": ctrl["eval_ppl"] if ctrl else None, "headline": best}
-    if best is not None and ctrl:
-        row = doc["stages"][best]
-        summary.update(eval_ppl=row["eval_ppl"], eval_sparsity=row["eval_sparsity"],
-                       ppl_ratio_vs_control=row["eval_ppl"] / ctrl["eval_ppl"],
-                       goal_met=row["eval_sparsity"] >= GOAL_SPARSITY
-                       and row["eval_ppl"] <= GOAL_PPL_RATIO * ctrl["eval_ppl"])
-        doc["final_model"] = {"stage": best, "relu_config": asdict(ReluConfig()),
-                              "fat_thresholds": row.get("thresholds", {}),
-                              "train_config": doc["runs"][best.split("+")[0]]["train_config"]}
-    else:
-        summary["goal_met"] = False
-    doc["summary"] = summary
-    log("summary " + json.dumps(summary))
+    summarize(doc)
+    log("summary " + json.dumps(doc["summary"]))
 
     # Cross-check our batched evaluation with the library's perplexity on the control model.
     try:

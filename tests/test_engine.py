@@ -86,7 +86,7 @@ def random_thresholds(engine: Transformer, ids: torch.Tensor, sparsity: float, s
 
 def test_dense_logits_match_hf(hf_and_engine):
     family, hf, engine = hf_and_engine
-    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + DECODE_STEPS))
+    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + DECODE_STEPS), generator=torch.Generator().manual_seed(1))
     out, ref = engine_logits(engine, ids), hf_logits(hf, ids)
     assert out.shape == ref.shape
     assert rel_err(out[:, :PROMPT_LEN], ref[:, :PROMPT_LEN]) < 1e-5, family
@@ -95,7 +95,7 @@ def test_dense_logits_match_hf(hf_and_engine):
 
 def test_sparse_logits_match_hf_with_same_thresholds(hf_and_engine):
     family, hf, engine = hf_and_engine
-    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + DECODE_STEPS))
+    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + DECODE_STEPS), generator=torch.Generator().manual_seed(2))
     thresholds = random_thresholds(engine, ids, 0.5)
     engine.sparsify_(thresholds, backend="torch")
     out, ref = engine_logits(engine, ids), hf_logits(hf, ids, thresholds)
@@ -125,6 +125,11 @@ def test_triton_backend_matches_reference(tmp_path):
     engine.set_backend_("triton")
     out = engine_logits(engine, ids)
     assert rel_err(out, ref) < 1e-5
+    # batch 1 takes the kernel's other (FMA) path
+    engine.set_backend_("torch")
+    ref1 = engine_logits(engine, ids[:1])
+    engine.set_backend_("triton")
+    assert rel_err(engine_logits(engine, ids[:1]), ref1) < 1e-5
 
 
 def test_greedy_generation_equals_hf(tmp_path):
@@ -245,13 +250,14 @@ def test_smollm2_matches_hf():
     engine = load_hf(default_model_dir(), device="cpu", dtype=torch.float32)
     ids = torch.randint(0, hf.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
     thresholds = random_thresholds(engine, ids, 0.5)
-    ref_dense = hf_logits(hf, ids)
-    ref_sparse = hf_logits(hf, ids, thresholds)
-    hf64 = hf.double()
-    ref64_dense, ref64_sparse = hf_logits(hf64, ids), hf_logits(hf64, ids, thresholds)
-    err_hf = rel_err(ref_dense, ref64_dense)
-    assert rel_err(engine_logits(engine, ids, 8), ref64_dense) < max(2 * err_hf, 1e-5)
+    ref_dense, ref_sparse = hf_logits(hf, ids), hf_logits(hf, ids, thresholds)
+    ref64 = hf_logits(hf.double(), ids)
+    assert rel_err(engine_logits(engine, ids, 8), ref64) < max(2 * rel_err(ref_dense, ref64), 1e-5)
     engine.sparsify_(thresholds, backend="torch")
     out = engine_logits(engine, ids, 8)
-    assert rel_err(ref_sparse, ref_dense) > 1e-2
-    assert rel_err(out, ref64_sparse) < max(2 * rel_err(ref_sparse, ref64_sparse), 1e-5)
+    # With ~10^5 thresholded inputs per token, an |x| within rounding of its threshold can flip
+    # between two fp32 implementations and move that token's logits by ~1%: most positions must
+    # match to rounding, and none may be anywhere near as far as sparse is from dense.
+    per_pos = torch.tensor([rel_err(out[:, i], ref_sparse[:, i]) for i in range(ids.shape[1])])
+    assert per_pos.median() < 1e-5, per_pos
+    assert per_pos.max() < 0.1 * rel_err(ref_sparse, ref_dense), per_pos

@@ -96,14 +96,18 @@ def test_matches_reference(K, N, B, s, dtype):
     [
         GemvConfig(16, 64, num_stages=2, programs_per_sm=8),
         GemvConfig(32, 128, num_stages=1, num_warps=2),
+        GemvConfig(32, 64, num_stages=3, programs_per_sm=2),
         GemvConfig(32, 64, use_dot=True),
+        GemvConfig(32, 64, num_stages=3, use_dot=True),
         GemvConfig(512, 256),
+        GemvConfig(512, 256, num_stages=2),
     ],
-    ids=["many-splits", "one-stage", "dot-for-b1", "single-split"],
+    ids=["pipelined-many-splits", "register-2warps", "pipelined", "register-dot-b1", "pipelined-dot-b1",
+         "register-single-split", "pipelined-single-split"],
 )
 @pytest.mark.parametrize("B", [1, 4])
 def test_configs(config, B):
-    """Many K splits, tl.dot for B == 1, and the single-split path (no workspace) all agree."""
+    """Both loop variants, many K splits, tl.dot for B == 1 and the single-split path agree."""
     x, w_t, thresholds = make_case(300, 200, B, 0.5, torch.bfloat16, seed=7 + B)
     y = run_poisoned(x, w_t, thresholds, config=config)
     assert rel_err(y, exact(x, w_t, thresholds)) < TOL[torch.bfloat16]

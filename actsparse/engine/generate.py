@@ -51,6 +51,31 @@ def _run_block(block, x, cos, sin, mask, input_pos):
     return block(x, cos, sin, mask, input_pos)
 
 
+_COMPILED_BLOCKS: dict[str, object] = {}
+
+
+def compiled_block_fn(gemv: str = "inductor"):
+    """One compiled block function for every block and every Generator (regional compilation:
+    the parameters are graph inputs, so one compile per input shape serves all layers).
+
+    ``gemv``: "inductor" turns on coordinate-descent tuning, with which Inductor rewrites a
+    one-row matmul (dense decode at batch 1) as a tuned Triton reduction; "cublas" leaves every
+    dense product to cuBLAS. Sparse linears never go through Inductor (see ``Linear``).
+    """
+    if gemv not in ("inductor", "cublas"):
+        raise ActsparseError(f"gemv must be 'inductor' or 'cublas', got '{gemv}'")
+    if gemv not in _COMPILED_BLOCKS:
+        import torch._dynamo.config as dynamo_config
+
+        # entries per (batch size, dense/sparse, gemv) and resume function: the default 8 is tight
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        options = {"coordinate_descent_tuning": gemv == "inductor"}
+        _COMPILED_BLOCKS[gemv] = torch.compile(_run_block, dynamic=False, options=options)
+    return _COMPILED_BLOCKS[gemv]
+
+
 @dataclass
 class GenerationStats:
     batch_size: int
@@ -62,7 +87,8 @@ class GenerationStats:
     decode_tokens_per_s: float  # tokens per second of ONE sequence (batch tokens/s = this * batch)
     capture_s: float  # compile + CUDA-graph capture, outside both timings (0 once captured)
     sparse: bool
-    backend: str
+    backend: str  # "dense", or the sparse linears' backend ("torch" / "triton")
+    gemv: str  # dense decode products: "inductor" (tuned Triton) or "cublas"
     device: str
 
     def to_dict(self) -> dict:
@@ -73,7 +99,8 @@ class Generator:
     """A Transformer with its KV cache, static decode buffers and captured decode steps."""
 
     def __init__(self, model: Transformer, batch_size: int = 1, max_seq_len: int = 512,
-                 compile: bool | None = None, cuda_graph: bool | None = None):
+                 compile: bool | None = None, cuda_graph: bool | None = None, gemv: str = "inductor",
+                 keep_logits: bool = False):
         on_cuda = model.device.type == "cuda"
         self.model = model
         self.compile = on_cuda if compile is None else compile
@@ -90,13 +117,11 @@ class Generator:
         self.out_tokens = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=dev)  # [B, S]
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._stream = torch.cuda.Stream(dev) if self.cuda_graph else None
-        self._block_fn = None
-        if self.compile:
-            import torch._dynamo.config as dynamo_config
-
-            # one entry per (batch size, dense/sparse, sampling) is plenty; the default 8 is tight
-            dynamo_config.cache_size_limit = max(getattr(dynamo_config, "cache_size_limit", 8), 64)
-            self._block_fn = torch.compile(_run_block, dynamic=False)
+        self._block_fn = compiled_block_fn(gemv) if self.compile else None
+        self.gemv = gemv if self.compile else "cublas"
+        # keep_logits: the decode step also copies its logits here (for checks; one small copy)
+        self.keep_logits = keep_logits
+        self.logits = None
 
     # ---------------------------------------------------------------------------------- steps
 
@@ -113,6 +138,10 @@ class Generator:
     def _decode_step(self, temperature: float, top_k: int | None) -> None:
         """One token: reads cur_token/input_pos, writes out_tokens[:, step], advances the state."""
         logits = self.model(self.cur_token, self.input_pos, block_fn=self._block_fn)[:, -1]  # [B, V]
+        if self.keep_logits:
+            if self.logits is None:
+                self.logits = torch.empty_like(logits)
+            self.logits.copy_(logits)
         nxt = sample(logits, temperature, top_k)  # [B]
         self.out_tokens.index_copy_(1, self.step, nxt[:, None])
         self.cur_token.copy_(nxt[:, None])
@@ -121,7 +150,7 @@ class Generator:
 
     def _graph(self, temperature: float, top_k: int | None) -> torch.cuda.CUDAGraph:
         mode = self.model.sparse_key()
-        key = (temperature, top_k, mode)
+        key = (temperature, top_k, mode, self.keep_logits)
         if key not in self._graphs:
             # another mode (dense -> sparse) means other weight tensors: drop graphs that read the old ones
             self._graphs = {k: g for k, g in self._graphs.items() if k[2] == mode}
@@ -192,7 +221,7 @@ class Generator:
             prefill_tokens_per_s=B * T / (t1 - t0),
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 else float("nan"),
             capture_s=capture_s, sparse=self.model.is_sparse(), backend=self.model.backend(),
-            device=str(self.model.device),
+            gemv=self.gemv, device=str(self.model.device),
         )
         return tokens, stats
 

@@ -188,6 +188,6 @@ def hf_model_from_engine(model: Transformer):
     if model.args.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     # non-persistent buffers (RoPE inverse frequencies) were created on meta: rebuild them
-    rotary = hf.model.rotary_emb
-    hf.model.rotary_emb = type(rotary)(config=hf.config, device=model.device)
+    with torch.device(model.device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)
     return hf.eval()

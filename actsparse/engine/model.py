@@ -189,10 +189,11 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: [T]; k, v: [B, Hkv, T, D]
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+        # input_pos: [T]; k, v: [B, Hkv, T, D] with B <= the cache's batch
+        k_cache, v_cache = self.k_cache[: k.shape[0]], self.v_cache[: k.shape[0]]
+        k_cache.index_copy_(2, input_pos, k)
+        v_cache.index_copy_(2, input_pos, v)
+        return k_cache, v_cache
 
 
 class Linear(nn.Module):
@@ -244,14 +245,20 @@ class Linear(nn.Module):
             raise ActsparseError(f"thresholds have shape {tuple(thresholds.shape)}, expected ({self.in_features},)")
         self.thresholds.copy_(thresholds)
 
-    # Linears run eagerly even inside compiled blocks: cuBLAS or the sparse_gemv launcher are
-    # already one kernel each, and tracing sparse_gemv would add a workspace memset per call.
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, K] -> [B, T, N]
         if self.record is not None:
             self.record.append(x.detach())
         if not self.sparse:
+            # Traced when compiled: Inductor calls cuBLAS, or (with coordinate-descent tuning)
+            # turns the M=1 product into a tuned Triton GEMV.
             return F.linear(x, self.weight, self.bias)
+        return self._sparse_forward(x)
+
+    # Sparse linears run eagerly even inside compiled blocks: the sparse_gemv launcher is one
+    # kernel on its persistent, self-zeroing workspace, while a traced call would allocate and
+    # memset a fresh workspace every time. Inside a CUDA graph the graph break costs nothing.
+    @torch.compiler.disable
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.prefill_dense and x.dim() == 3 and x.shape[1] > 1:
             y = x2 @ self.weight_t
@@ -348,15 +355,26 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, D]
-        # GQA without copying the cache: the G query heads of a kv head are stacked along time.
+        # GQA without copying the cache: the G query heads of a kv head are stacked along time,
+        # so each cached key/value is read once. Rows of q (and of the mask) follow (g, t).
         G = H // Hkv
         q = q.reshape(B, Hkv, G * T, D)
-        scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
-        scores = scores * (1.0 / math.sqrt(D))  # [B, Hkv, G*T, S]
-        scores = scores.masked_fill(~mask.repeat(G, 1), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        y = (probs @ v).view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        if T == 1:
+            y = _decode_attention(q, k, v, mask)  # [B, Hkv, G, D]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(G, 1))  # [B, Hkv, G*T, D]
+        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.wo(y)
+
+
+def _decode_attention(q, k, v, mask):
+    """One query position: plain reductions, which Inductor fuses into a few small Triton kernels
+    (a fused attention kernel is built for long query blocks and wastes most of its tile here)."""
+    # q: [B, Hkv, G, D]; k, v: [B, Hkv, S, D]; mask: [1, S]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.unsqueeze(-2).to(acc) * k.unsqueeze(-3)).sum(-1) * (1.0 / math.sqrt(q.shape[-1]))  # [B, Hkv, G, S]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2).to(q.dtype)  # [B, Hkv, G, D]
 
 
 _ACTIVATIONS = {

@@ -292,6 +292,9 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
     if resume and (ckpt_path is None or not ckpt_path.exists()):
         raise ActsparseError(f"nothing to resume: no {CHECKPOINT_FILE} in {checkpoint_dir}")
 
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
+        raise ActsparseError("train in float32 (load the model with dtype=float32): AdamW keeps fp32 weights, "
+                             "and bf16 autocast is used on CUDA")
     device = next(model.parameters()).device
     data = PackedText(tokenize(tokenizer, text), config.seq_len, config.seed)
     optimizer = _make_optimizer(model, config, device)
@@ -299,7 +302,7 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
     history = TrainHistory()
     start = 0
     if resume:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         saved = state["train_config"]
         ours = _config_dict(config)
         diff = [k for k in _RESUME_KEYS if saved.get(k) != ours.get(k)]
