@@ -140,6 +140,60 @@ def generate(
 
 
 @app.command()
+def relufy(
+    out: str = typer.Option(..., help="output folder (checkpoints during training, HF model folder at the end)"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    text: str = typer.Option("wiki_calib", help="training text (its last 5% is held out to pick FATReLU)"),
+    steps: int = typer.Option(150, help="optimizer steps"),
+    batch_tokens: int = typer.Option(8192, help="tokens per optimizer step"),
+    micro_batch: Optional[int] = typer.Option(None, help="sequences per forward (gradient accumulation)"),
+    seq_len: int = typer.Option(1024),
+    lr: float = typer.Option(1e-4),
+    l1_peak: float = typer.Option(32.0, help="peak progressive-L1 factor (0: off)"),
+    distill: float = typer.Option(1.0, help="weight of KL distillation from the original model (0: off)"),
+    fat_tol: Optional[float] = typer.Option(0.01, help="FATReLU: largest T with held-out ppl within this fraction"),
+    fat_sparsity: Optional[float] = typer.Option(None, help="FATReLU: T for this held-out sparsity instead"),
+    relu_after_norm: bool = typer.Option(False, help="also ReLU after the norms (sparse q/k/v, gate/up inputs)"),
+    checkpoint_every: int = typer.Option(25),
+    resume: bool = typer.Option(False, help="continue from OUT/checkpoints after an interruption"),
+    device: Optional[str] = typer.Option(None, help="cuda (default when available) or cpu"),
+):
+    """Relufy (ReLU/FATReLU) and fine-tune with ProSparse's progressive L1, then pick a FATReLU threshold."""
+    from .relu import FatThresholdConfig, L1Schedule, ReluConfig, TrainConfig, relufy_and_train
+
+    import torch
+
+    from .io import read_text
+    from .models import load_model
+
+    if steps < 1 or batch_tokens < seq_len:
+        raise ActsparseError("need steps >= 1 and batch_tokens >= seq_len")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    body = read_text(text)
+    mdl, tok = load_model(model, dtype="float32", device=device)
+    batch = batch_tokens // seq_len
+    train = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch, micro_batch_size=micro_batch or batch,
+                        lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01,
+                        l1=L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak],
+                                           warmup_steps=steps // 5) if l1_peak > 0 else None,
+                        distill_alpha=distill, checkpoint_every=checkpoint_every, bf16=device.startswith("cuda"))
+    if fat_sparsity is not None:
+        fat = FatThresholdConfig(max_ppl_increase=None, target_sparsity=fat_sparsity, context=seq_len)
+    elif fat_tol is not None:
+        fat = FatThresholdConfig(max_ppl_increase=fat_tol, context=seq_len)
+    else:
+        fat = None
+    res = relufy_and_train(mdl, tok, body, out, train=train, relu=ReluConfig(relu_after_norm=relu_after_norm),
+                           fat=fat, resume=resume)
+    h = res.history
+    _emit({"model_dir": str(res.out_dir), "steps": len(h.step), "final_lm_loss": h.lm_loss[-1] if h.lm_loss else None,
+           "final_train_sparsity": h.sparsity[-1] if h.sparsity else None,
+           "fat_threshold": res.fat.threshold if res.fat else 0.0,
+           "holdout_sparsity": res.fat.sparsity if res.fat else None,
+           "holdout_perplexity": res.fat.perplexity if res.fat else None})
+
+
+@app.command()
 def demo(
     out_dir: str = typer.Option("actsparse-demo", help="folder for calibration, thresholds, results, plots"),
     sparsity: float = typer.Option(0.5),

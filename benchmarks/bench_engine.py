@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 import traceback
 
@@ -354,7 +353,12 @@ def main(argv=None) -> dict:
         gen = Generator(model, batch_size=b, max_seq_len=max_seq, gemv=gemv)
         if b == 1 and gemv == "cublas":
             thresholds_by_s = gen.calibrate(calib, sparsities)
-        rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats if b == 1 else 2)
+        try:
+            rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats if b == 1 else 2)
+        except Exception:  # one failed configuration must not lose the others
+            record_error(f"dense B={b} gemv={gemv}")
+            del gen
+            continue
         log(f"dense  B={b} gemv={gemv}: {rate:7.1f} tok/s per sequence ({detail})")
         if b == 1:
             dense_variants[gemv] = {"tok_s": rate, "pct_of_bound": 100 * rate / bound, **detail}
@@ -369,6 +373,7 @@ def main(argv=None) -> dict:
         if b == 1 and gemv == "inductor" and not args.skip_hf:
             try:
                 gate_dense_vs_hf(gen, model, prompts[b], tokens, gates, result, args, device)
+                log(f"gates so far: {json.dumps(gates, default=float)}")
             except Exception:
                 record_error("HF baseline / dense gate")
         del gen, tokens
@@ -390,7 +395,17 @@ def main(argv=None) -> dict:
                 continue
             gc.collect()
             gen = Generator(model, batch_size=b, max_seq_len=max_seq, gemv=gemv_best)
-            if b == 1:
+            if b != 1:
+                try:
+                    rate, tokens, detail = timed_generate(gen, prompts[b], N, 2)
+                    measured = gen.measure_sparsity(tokens, start=T)
+                    sparse_by_batch[b] = rate
+                    result.setdefault("sparse_batch_detail", {})[str(b)] = {**detail, "achieved": measured}
+                    log(f"sparse B={b} s={args.batch_sparsity}: {rate:7.1f} tok/s per sequence "
+                        f"({rate / dense_rate[b]:.3f}x dense), rows skipped {measured['rows_skipped']:.3f}")
+                except Exception:
+                    record_error(f"sparse B={b}")
+            else:
                 gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device)
                 log(f"gates so far: {json.dumps(gates, default=float)}")
                 for s in sparsities:
@@ -414,13 +429,6 @@ def main(argv=None) -> dict:
                 except Exception:
                     record_error("sparse profile")
                 sparse_by_batch[b] = sparse_by_s[args.batch_sparsity]["tok_s"]
-            else:
-                rate, tokens, detail = timed_generate(gen, prompts[b], N, 2)
-                measured = gen.measure_sparsity(tokens, start=T)
-                sparse_by_batch[b] = rate
-                result.setdefault("sparse_batch_detail", {})[str(b)] = {**detail, "achieved": measured}
-                log(f"sparse B={b} s={args.batch_sparsity}: {rate:7.1f} tok/s per sequence "
-                    f"({rate / dense_rate[b]:.3f}x dense), rows skipped {measured['rows_skipped']:.3f}")
             del gen
     except Exception:
         record_error("sparse engine")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from actsparse.kernels import sparse_gemv as sg
-from actsparse.kernels.sparse_gemv import GemvConfig, pick_config, sparse_gemv, sparse_gemv_reference
+from actsparse.kernels.sparse_gemv import GemvConfig, pick_config, sparse_gemv
 from benchmarks.common import (
     copy_ceiling_tb_s,
     copy_count,

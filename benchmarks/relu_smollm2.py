@@ -77,7 +77,10 @@ def parse_args(argv=None):
                    help="also report each L1 run with the FATReLU threshold of this holdout sparsity; 0 = no")
     p.add_argument("--no-resume-check", action="store_true", help="skip the 6 vs 3+3 step resume check")
     p.add_argument("--holdout-fraction", type=float, default=0.05)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_steps and args.max_steps < 5:
+        p.error("--max-steps must be >= 5 (an L1-off warm-up and four L1 stages)")
+    return args
 
 
 def tiny_setup():
@@ -95,7 +98,10 @@ def tiny_setup():
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     words = [f"w{i}" for i in range(50)]
-    text = lambda seed: "\n".join(" ".join(words[(i * 7 + j * seed) % 50] for j in range(12)) for i in range(3000))  # noqa: E731
+
+    def text(seed):
+        return "\n".join(" ".join(words[(i * 7 + j * seed) % 50] for j in range(12)) for i in range(3000))
+
     return model, tok, text(3), text(5)
 
 
@@ -189,7 +195,8 @@ def main(argv=None) -> int:
         original, tok = load_model(args.model, dtype=torch.float32, device=device)
         calib, evaltext = read_text("wiki_calib"), read_text("wiki_eval")
     original.eval().requires_grad_(False)
-    doc["model"] = {"name": getattr(original, "name_or_path", "tiny"), "params": sum(p.numel() for p in original.parameters()),
+    doc["model"] = {"name": getattr(original, "name_or_path", "tiny"),
+                    "params": sum(p.numel() for p in original.parameters()),
                     "layers": original.config.num_hidden_layers, "intermediate_size": original.config.intermediate_size}
     train_text, holdout_text = split_holdout(calib, args.holdout_fraction)
     eval_ids = tokenize(tok, evaltext)[: args.eval_tokens]

@@ -178,3 +178,16 @@ def test_missing_model_and_bad_gguf(capsys, tmp_path):
     bad.write_bytes(b"GGUF" + os.urandom(100))
     with pytest.raises(A.ActsparseError, match="cannot load GGUF"):
         A.load_model(bad)
+
+
+def test_cli_relufy_trains(capsys, tmp_path, model_dir, text_file):
+    out = tmp_path / "relu"
+    args = ["relufy", "--model", model_dir, "--text", text_file, "--out", out, "--steps", 8, "--seq-len", 64,
+            "--batch-tokens", 128, "--device", "cpu", "--checkpoint-every", 1, "--fat-sparsity", 0.9, "--distill", 0.5]
+    code, out_json, err = run_cli(capsys, *args)
+    assert code == 0, err
+    res = last_json(out_json)
+    assert res["steps"] == 8 and res["fat_threshold"] > 0 and 0.5 < res["holdout_sparsity"] <= 1.0
+    assert (out / "config.json").exists() and (out / "actsparse_relu.json").exists()
+    code, _, err = run_cli(capsys, *args[:-4], "--steps", 0)
+    assert code == 2 and "steps >= 1" in err

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -71,7 +70,9 @@ def compiled_block_fn(gemv: str = "inductor"):
         for name in ("cache_size_limit", "recompile_limit"):
             if hasattr(dynamo_config, name):
                 setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-        options = {"coordinate_descent_tuning": gemv == "inductor"}
+        # shape_padding off: its pass benchmarks candidate matmuls at compile time (slow, and it
+        # crashed on torch 2.11 when it met a mixed-dtype product)
+        options = {"coordinate_descent_tuning": gemv == "inductor", "shape_padding": False}
         _COMPILED_BLOCKS[gemv] = torch.compile(_run_block, dynamic=False, options=options)
     return _COMPILED_BLOCKS[gemv]
 

@@ -371,10 +371,12 @@ def _decode_attention(q, k, v, mask):
     """One query position: plain reductions, which Inductor fuses into a few small Triton kernels
     (a fused attention kernel is built for long query blocks and wastes most of its tile here)."""
     # q: [B, Hkv, G, D]; k, v: [B, Hkv, S, D]; mask: [1, S]
+    # Both factors of every product in one dtype: a mixed bf16 * fp32 product can be pattern-
+    # matched back into a mixed-dtype matmul by Inductor's passes, which then fails to compile.
     acc = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.unsqueeze(-2).to(acc) * k.unsqueeze(-3)).sum(-1) * (1.0 / math.sqrt(q.shape[-1]))  # [B, Hkv, G, S]
+    scores = (q.to(acc).unsqueeze(-2) * k.to(acc).unsqueeze(-3)).sum(-1) * (1.0 / math.sqrt(q.shape[-1]))  # [B, Hkv, G, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return (probs.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2).to(q.dtype)  # [B, Hkv, G, D]
+    return (probs.unsqueeze(-1) * v.to(acc).unsqueeze(-3)).sum(-2).to(q.dtype)  # [B, Hkv, G, D]
 
 
 _ACTIVATIONS = {

@@ -126,7 +126,8 @@ class TrainConfig:
         if self.seq_len < 2:
             raise ActsparseError("seq_len must be >= 2")
         if self.batch_size % self.micro_batch_size:
-            raise ActsparseError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+            raise ActsparseError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ActsparseError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("cosine", "constant"):
