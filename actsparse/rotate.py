@@ -54,23 +54,28 @@ class RotationConfig:
 
     tokens: int = 16384
     seq_len: int = 1024
+    residual: bool = True  # one PCA rotation of the residual stream (inputs of q/k/v and gate/up)
     heads: bool = True  # per-KV-group rotation of the attention output (v_proj out, o_proj in)
 
     def __post_init__(self):
         if self.seq_len < 2 or self.tokens < self.seq_len:
             raise ActsparseError(f"rotation needs tokens >= seq_len >= 2, got {self.tokens}, {self.seq_len}")
+        if not (self.residual or self.heads):
+            raise ActsparseError("a rotation needs residual=True or heads=True")
 
 
 @dataclass
 class Rotation:
     """The orthogonal matrices folded into a model, enough to rotate a fresh copy the same way."""
 
-    residual: torch.Tensor  # Q: [D, D], columns = principal directions, descending variance
+    residual: torch.Tensor | None  # Q: [D, D], columns = principal directions, descending variance
     heads: torch.Tensor | None = None  # R: [layers, kv_heads, head_dim, head_dim] or None
     meta: dict = field(default_factory=dict)  # source_fingerprint, tokens, eigenvalue spread, ...
 
     def extras(self) -> dict[str, torch.Tensor]:
-        out = {"rotation/residual": self.residual.double().cpu().contiguous()}
+        out = {}
+        if self.residual is not None:
+            out["rotation/residual"] = self.residual.double().cpu().contiguous()
         if self.heads is not None:
             out["rotation/heads"] = self.heads.double().cpu().contiguous()
         return out
@@ -80,9 +85,10 @@ class Rotation:
         meta = calib.meta.get("rotation")
         if not meta:
             return None
-        if "rotation/residual" not in calib.extras:
+        residual, heads = calib.extras.get("rotation/residual"), calib.extras.get("rotation/heads")
+        if residual is None and heads is None:
             raise ActsparseError("calibration names a rotation but holds no rotation matrix")
-        return cls(calib.extras["rotation/residual"], calib.extras.get("rotation/heads"), dict(meta))
+        return cls(residual, heads, dict(meta))
 
 
 class RotatedNorm(nn.Module):
@@ -232,8 +238,9 @@ def collect_statistics(model: nn.Module, tokenizer, text: str, config: RotationC
     handles = []
     for i, layer in enumerate(layers):
         attn_norm, mlp_norm, _ = _block_norms(layer)
-        handles.append(attn_norm.register_forward_hook(add_residual))
-        handles.append(mlp_norm.register_forward_hook(add_residual))
+        if config.residual:
+            handles.append(attn_norm.register_forward_hook(add_residual))
+            handles.append(mlp_norm.register_forward_hook(add_residual))
         if config.heads:
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: add_heads(m, a, i)))
     try:
@@ -266,27 +273,32 @@ def apply_rotation_(model: nn.Module, rotation: Rotation) -> nn.Module:
     """Fold ``rotation`` into a dense model's weights (norms folded first). Logits are unchanged."""
     _check_dense(model)
     prefix, layers = decoder_layers(model)
-    q = rotation.residual.double()
-    dim = model.config.hidden_size
-    if q.shape != (dim, dim):
-        raise ActsparseError(f"rotation is {tuple(q.shape)}, the model's hidden size is {dim}")
-    fold_norms_(model)
-    emb = _embedding(model)
-    emb.weight.copy_((emb.weight.double() @ q.to(emb.weight.device)).to(emb.weight.dtype))
-    _in_side(model.get_output_embeddings(), q)
     n_heads, n_kv, head_dim = _head_shape(model)
     group = n_heads // n_kv
+    dim = model.config.hidden_size
+    q = None if rotation.residual is None else rotation.residual.double()
+    if q is not None and q.shape != (dim, dim):
+        raise ActsparseError(f"rotation is {tuple(q.shape)}, the model's hidden size is {dim}")
+    if rotation.heads is not None and tuple(rotation.heads.shape) != (len(layers), n_kv, head_dim, head_dim):
+        raise ActsparseError(f"head rotations are {tuple(rotation.heads.shape)}, the model needs "
+                             f"{(len(layers), n_kv, head_dim, head_dim)}")
+    if q is not None:
+        fold_norms_(model)
+        emb = _embedding(model)
+        emb.weight.copy_((emb.weight.double() @ q.to(emb.weight.device)).to(emb.weight.dtype))
+        _in_side(model.get_output_embeddings(), q)
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _in_side(lin, q)
-        _, _, post_norms = _block_norms(layer)
-        if post_norms:  # Gemma: outputs are normed before joining the stream; rotate after the norm
-            for name in post_norms:
-                setattr(layer, name, RotatedNorm(getattr(layer, name), q))
-        else:
-            _out_side(attn.o_proj, q)
-            _out_side(mlp.down_proj, q)
+        if q is not None:
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                _in_side(lin, q)
+            _, _, post_norms = _block_norms(layer)
+            if post_norms:  # Gemma: outputs are normed before joining the stream; rotate after the norm
+                for name in post_norms:
+                    setattr(layer, name, RotatedNorm(getattr(layer, name), q))
+            else:
+                _out_side(attn.o_proj, q)
+                _out_side(mlp.down_proj, q)
         if rotation.heads is not None:
             r = rotation.heads[i].double()  # [kv, hd, hd]
             _out_side(attn.v_proj, torch.block_diag(*r))
@@ -299,6 +311,20 @@ def _digest(text: str) -> str:
 
 
 @torch.no_grad()
+def rotation_signature(model: nn.Module) -> str:
+    """Signs of sampled q/v/o/down weights of the first and last block: tells a model from its rotated
+    self even when only the heads were rotated (``models.weight_fingerprint`` reads q and down only)."""
+    h = hashlib.sha256()
+    _, layers = decoder_layers(model)
+    for layer in (layers[0], layers[-1]):
+        for name in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
+            w = layer.get_submodule(name).weight
+            sample = w.detach().flatten()[:: max(1, w.numel() // 4096)].float().cpu()
+            h.update((sample > 0).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
 def rotate_(model: nn.Module, tokenizer, text: str, config: RotationConfig | None = None,
             progress: bool = False) -> Rotation:
     """Rotate a dense model in place by the PCA of its residual stream on ``text``; return the rotation.
@@ -308,33 +334,42 @@ def rotate_(model: nn.Module, tokenizer, text: str, config: RotationConfig | Non
     """
     config = config or RotationConfig()
     _check_dense(model)
-    source = weight_fingerprint(model)
-    fold_norms_(model)  # the statistics are those of the unit-scale norm outputs
+    source, source_signature = weight_fingerprint(model), rotation_signature(model)
+    if config.residual:
+        fold_norms_(model)  # the statistics are those of the unit-scale norm outputs
     residual, heads, tokens = collect_statistics(model, tokenizer, text, config, progress)
-    q, evals = _principal_basis(residual)
+    q, evals = _principal_basis(residual) if config.residual else (None, torch.ones(1))
     head_q = _principal_basis(heads)[0] if config.heads else None
     _, layers = decoder_layers(model)
-    post = sum(1 for layer in layers for _ in _block_norms(layer)[2])
+    post = sum(1 for layer in layers for _ in _block_norms(layer)[2]) if config.residual else 0
     top = evals.clamp_min(0)
     meta = {
-        "method": "pca-residual" + ("+heads" if config.heads else ""),
+        "method": "pca-" + "+".join(n for n, on in (("residual", config.residual), ("heads", config.heads)) if on),
+        "residual": bool(config.residual),
         "source_fingerprint": source,
+        "source_signature": source_signature,
         "tokens": tokens,
         "text_sha256": _digest(text),
         "heads": bool(config.heads),
-        "energy_top_half": float(top[: len(top) // 2].sum() / top.sum()),  # share in the top half of PCs
+        # share of the residual second moment in the top half of the principal components
+        "energy_top_half": float(top[: len(top) // 2].sum() / top.sum()) if config.residual else None,
         "runtime_extra_weights": post * model.config.hidden_size ** 2,  # Gemma post-norm products
     }
     rotation = Rotation(q, head_q, meta)
     apply_rotation_(model, rotation)
+    meta["rotated_signature"] = rotation_signature(model)
     return rotation
 
 
 def prepare_model_(model: nn.Module, calib) -> nn.Module:
     """Make a freshly loaded model match ``calib``: apply its rotation if it has one, then check."""
     rotation = Rotation.from_calibration(calib)
-    if rotation is not None and weight_fingerprint(model) == rotation.meta.get("source_fingerprint"):
-        apply_rotation_(model, rotation)
+    if rotation is not None:
+        signature = rotation_signature(model)
+        if signature == rotation.meta.get("source_signature"):
+            apply_rotation_(model, rotation)
+        elif signature != rotation.meta.get("rotated_signature"):
+            raise ActsparseError("calibration was made for a rotated copy of another model; re-calibrate this model")
     calib.check_model(model)
     return model
 

@@ -41,7 +41,8 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--criteria", default="magnitude")
+    ap.add_argument("--criteria", default="magnitude", help="criteria on the model as it is")
+    ap.add_argument("--rotated-criteria", default="", help="criteria on the PCA-rotated model (LaRoSa-style)")
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7")
     ap.add_argument("--allocations", default="uniform,greedy")
     ap.add_argument("--calib-tokens", type=int, default=131072)
@@ -62,25 +63,40 @@ def main(argv=None):
     criteria = args.criteria.split(",")
     t_start = time.time()
 
-    model, tok = A.load_model(args.model, dtype=args.dtype, device=args.device)
     calib_text, eval_text = A.read_text("wiki_calib"), A.read_text("wiki_eval")
-    t0 = time.time()
-    calib = A.calibrate(model, tok, calib_text,
-                        CalibrationConfig(tokens=args.calib_tokens, greedy_tokens=args.greedy_tokens,
-                                          criteria=tuple(criteria)), text_name="wiki_calib")
-    calib.save(out / "calibration.safetensors")
-    t_calib = time.time() - t0
+    rotated = [c for c in args.rotated_criteria.split(",") if c]
+    t_calib = t_eval = 0.0
+    res = None
+    for rotate, crits in ((False, criteria), (True, rotated)):
+        if not crits:
+            continue
+        model, tok = A.load_model(args.model, dtype=args.dtype, device=args.device)
+        cfg = CalibrationConfig(tokens=args.calib_tokens, greedy_tokens=args.greedy_tokens, criteria=tuple(crits))
+        t0 = time.time()
+        if rotate:
+            from actsparse.rotate import calibrate_rotated
 
-    sets = {}
-    for crit in criteria:
-        for alloc in allocations:
-            for s in sparsities:
-                name = f"{crit}-{alloc}@{s:g}"
-                sets[name] = thresholds_for(model, tok, calib, s, alloc, crit, args.refine_tokens,
-                                            text="wiki_calib").thresholds
-    t0 = time.time()
-    res = evaluate(model, tok, eval_text, sets, context=args.context, max_tokens=args.eval_tokens)
-    t_eval = time.time() - t0
+            calib = calibrate_rotated(model, tok, calib_text, cfg, text_name="wiki_calib")
+        else:
+            calib = A.calibrate(model, tok, calib_text, cfg, text_name="wiki_calib")
+        calib.save(out / ("calibration_rotated.safetensors" if rotate else "calibration.safetensors"))
+        t_calib += time.time() - t0
+        prefix = "rot-" if rotate else ""
+        sets = {}
+        for crit in crits:
+            for alloc in allocations:
+                for s in sparsities:
+                    sets[f"{prefix}{crit}-{alloc}@{s:g}"] = thresholds_for(
+                        model, tok, calib, s, alloc, crit, args.refine_tokens, text="wiki_calib").thresholds
+        t0 = time.time()
+        part = evaluate(model, tok, eval_text, sets, context=args.context, max_tokens=args.eval_tokens)
+        t_eval += time.time() - t0
+        if res is None:
+            res = part
+        else:
+            res["dense_rotated"] = part["dense"]
+            res["configs"].update(part["configs"])
+        del model
 
     res["setup"] = {
         "model": args.model, "dtype": args.dtype, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
