@@ -55,8 +55,9 @@ def calibrate(
     greedy: bool = typer.Option(True, help="also compute TEAL's greedy allocation"),
     greedy_tokens: int = typer.Option(2048, help="tokens used by the greedy allocation"),
     criteria: str = typer.Option("magnitude", help="comma-separated criteria to calibrate: magnitude, wina, cats, cats_wina"),
-    rotate: bool = typer.Option(False, help="rotate the residual stream by its PCA first (LaRoSa-style; "
-                                            "stored in the calibration, applied again by sparsify/eval)"),
+    rotate: str = typer.Option("none", help="PCA rotation folded into the weights first: none | heads (attention "
+                                           "output per KV group) | full (also the residual stream, LaRoSa-style); "
+                                           "stored in the calibration and applied again by sparsify/eval/generate"),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
 ):

@@ -272,35 +272,50 @@ for _name, _input, _gate_input in (("cats", "magnitude", False), ("cats_wina", "
 
 
 # -- named methods for quality benchmarks ---------------------------------------------------------
+ROTATIONS = ("", "heads", "full")  # none; attention heads only; residual stream + heads
+
+
 @dataclass(frozen=True)
 class QualityMethod:
-    """One point of the quality comparison: a criterion, an allocation, with or without rotation."""
+    """One point of the quality comparison: a criterion, an allocation, and a rotation (or none).
+
+    ``rotation``: "" (none), "heads" (per-KV-group PCA of the attention output, folded into v/o) or
+    "full" (also the PCA of the residual stream). A rotated model is a different model: it needs its
+    own calibration (:func:`actsparse.rotate.calibrate_rotated` with :meth:`rotation_config`).
+    """
 
     name: str
     criterion: str
     allocation: str = "greedy"
-    rotate: bool = False
+    rotation: str = ""
 
-    @property
-    def calibration_criteria(self) -> tuple[str, ...]:
-        """Criteria the calibration must hold (one calibration per rotation state serves all)."""
-        return (self.criterion,)
+    def rotation_config(self, tokens: int = 16384, seq_len: int = 1024):
+        """The :class:`~actsparse.rotate.RotationConfig` of this method, or None."""
+        if not self.rotation:
+            return None
+        from .rotate import RotationConfig
+
+        return RotationConfig(tokens=tokens, seq_len=seq_len, residual=self.rotation == "full", heads=True)
 
 
 def quality_methods(rotation: bool = True) -> list[QualityMethod]:
     """Every method of the criteria comparison, TEAL first (its baseline).
 
-    Names: ``<criterion>-<allocation>`` with a ``rot-`` prefix for the rotated model
-    (:func:`actsparse.rotate.rotate_`), e.g. ``teal-greedy``, ``wina-greedy``, ``rot-wina-greedy``,
-    ``cats_wina-greedy``.
+    Names: ``<criterion>-<allocation>``, prefixed ``rotheads-`` / ``rot-`` for the heads-only /
+    full rotation, e.g. ``teal-greedy``, ``wina-greedy``, ``rotheads-wina-greedy``, ``cats-greedy``.
+    Group them by ``rotation``: one model and one calibration (holding every criterion of the group)
+    serve each group.
     """
     out = [QualityMethod("teal-greedy", "magnitude"), QualityMethod("teal-uniform", "magnitude", "uniform"),
            QualityMethod("wina-greedy", "wina"), QualityMethod("wina-uniform", "wina", "uniform"),
            QualityMethod("cats-greedy", "cats"), QualityMethod("cats_wina-greedy", "cats_wina")]
     if rotation:
-        out += [QualityMethod("rot-teal-greedy", "magnitude", rotate=True),
-                QualityMethod("rot-wina-greedy", "wina", rotate=True),
-                QualityMethod("rot-cats_wina-greedy", "cats_wina", rotate=True)]
+        for prefix, kind in (("rotheads-", "heads"), ("rot-", "full")):
+            out += [QualityMethod(prefix + "teal-greedy", "magnitude", rotation=kind),
+                    QualityMethod(prefix + "wina-greedy", "wina", rotation=kind)]
+    for m in out:
+        if m.rotation not in ROTATIONS:
+            raise ActsparseError(f"unknown rotation '{m.rotation}'")
     return out
 
 

@@ -142,7 +142,7 @@ class CatsMLP(nn.Module):
         if credit_rows:
             # rows of up read = neurons kept; a prefill-dense multi-token step skips nothing
             skipped = (a == 0) if not (act.prefill_dense and x.dim() >= 2 and x.shape[-2] > 1) else torch.zeros_like(a, dtype=torch.bool)
-            up_proj.zeros += int(skipped.sum())
+            up_proj.zeros = up_proj.zeros + skipped.sum()
             up_proj.seen += skipped.numel()
         return self.down_proj(a * up)
 

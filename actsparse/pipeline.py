@@ -22,15 +22,17 @@ from .thresholds import ThresholdSet, compute_thresholds, load_thresholds, refin
 
 
 def run_calibrate(model: str, text: str, out: str, config: CalibrationConfig, dtype: str = "float32",
-                  device: str = "cpu", rotate: bool = False) -> dict:
+                  device: str = "cpu", rotate: str = "none") -> dict:
+    if rotate not in ("none", "heads", "full"):
+        raise ActsparseError(f"rotate must be none, heads or full, got '{rotate}'")
     check_writable(out)
     body = read_text(text)
     mdl, tok = load_model(model, dtype=dtype, device=device)
     t0 = time.perf_counter()
-    if rotate:  # PCA rotation folded into the weights first; the calibration carries it
+    if rotate != "none":  # PCA rotation folded into the weights first; the calibration carries it
         from .rotate import RotationConfig, calibrate_rotated
 
-        rot = RotationConfig(tokens=min(config.tokens, 16384), seq_len=config.seq_len)
+        rot = RotationConfig(tokens=min(config.tokens, 16384), seq_len=config.seq_len, residual=rotate == "full")
         calib = calibrate_rotated(mdl, tok, body, config, rot, text_name=str(text))
     else:
         calib = calibrate(mdl, tok, body, config, text_name=str(text))

@@ -76,7 +76,7 @@ class SparseLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.track:
             keep = x.abs() > self.thresholds
-            self.zeros += int((~keep).sum())
+            self.zeros = self.zeros + (~keep).sum()  # a device tensor: no sync on the hot path
             self.seen += keep.numel()
         if self._all_zero:  # sparsity 0: exactly the dense layer
             return F.linear(x, self.weight, self.bias)
@@ -266,7 +266,7 @@ def track_sparsity(model: nn.Module):
     site_of = {lin: site for site in input_sites(model) for lin in site.linears}
 
     def report() -> SparsityStats:
-        per_linear = {n: (m.zeros / m.seen if m.seen else 0.0) for n, m in mods.items()}
+        per_linear = {n: (float(m.zeros) / m.seen if m.seen else 0.0) for n, m in mods.items()}
         weights = {n: m.weight.numel() for n, m in mods.items()}
         per_site: dict[str, list] = {}
         for n, frac in per_linear.items():

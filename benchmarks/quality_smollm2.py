@@ -51,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--calibration", default=None, help="reuse this calibration file (unrotated criteria)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -77,11 +78,15 @@ def main(argv=None):
             from actsparse.rotate import calibrate_rotated
 
             calib = calibrate_rotated(model, tok, calib_text, cfg, text_name="wiki_calib")
+        elif args.calibration:
+            calib = A.Calibration.load(args.calibration)
+            calib.check_model(model)
         else:
             calib = A.calibrate(model, tok, calib_text, cfg, text_name="wiki_calib")
         calib.save(out / ("calibration_rotated.safetensors" if rotate else "calibration.safetensors"))
         t_calib += time.time() - t0
         prefix = "rot-" if rotate else ""
+        print(f"calibrated ({'rotated' if rotate else 'plain'}) [{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)
         sets = {}
         for crit in crits:
             for alloc in allocations:
@@ -89,7 +94,15 @@ def main(argv=None):
                     sets[f"{prefix}{crit}-{alloc}@{s:g}"] = thresholds_for(
                         model, tok, calib, s, alloc, crit, args.refine_tokens, text="wiki_calib").thresholds
         t0 = time.time()
-        part = evaluate(model, tok, eval_text, sets, context=args.context, max_tokens=args.eval_tokens)
+        def save_partial(name, partial, prefix=prefix):
+            (out / f"quality_partial{'_rot' if prefix else ''}.json").write_text(json.dumps(partial, indent=1))
+            m = partial["configs"][name]
+            print(f"{name}: ppl {m['ppl']:.3f} (dense {partial['dense']['ppl']:.3f}) kl {m['kl']:.4f} "
+                  f"top1 {m['top1_agreement']:.3f} sparsity {m['sparsity']:.4f}  [{time.time() - t_start:.0f}s]",
+                  file=sys.stderr, flush=True)
+
+        part = evaluate(model, tok, eval_text, sets, context=args.context, max_tokens=args.eval_tokens,
+                        on_result=save_partial, progress=False)
         t_eval += time.time() - t0
         if res is None:
             res = part

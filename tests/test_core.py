@@ -178,3 +178,20 @@ def test_evaluate_reports_quality_against_dense(calibrated):
     # perplexity computed on its own agrees with the dense column
     ppl = A.perplexity(tiny_model("llama"), tok, SAMPLE_TEXT, context=128, max_tokens=768, progress=False)
     assert ppl["ppl"] == pytest.approx(dense["ppl"], rel=1e-6)
+
+
+def test_evaluate_without_cached_dense_reference_matches(calibrated, monkeypatch):
+    import importlib
+
+    E = importlib.import_module("actsparse.evaluate")  # the package exports a function of that name
+
+    model, tok, calib = calibrated
+    sets = {"g@0.5": compute_thresholds(model, calib, 0.5, "greedy").thresholds}
+    cached = A.evaluate(model, tok, SAMPLE_TEXT, sets, context=128, max_tokens=512, progress=False)
+    monkeypatch.setattr(E, "_cache_budget", lambda device: 0)
+    seen = []
+    fresh = A.evaluate(model, tok, SAMPLE_TEXT, sets, context=128, max_tokens=512, progress=False,
+                       on_result=lambda name, out: seen.append(name))
+    assert seen == ["g@0.5"]
+    for key in ("ppl", "kl", "top1_agreement", "sparsity"):
+        assert fresh["configs"]["g@0.5"][key] == pytest.approx(cached["configs"]["g@0.5"][key], rel=1e-6, abs=1e-9)

@@ -235,26 +235,50 @@ def test_install_and_uninstall_cats_round_trip():
 
 
 # -- rotation -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("variant", ["untied", "tied", "heads"])
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_rotation_preserves_logits(fam, tied):
-    model, tok = tiny_model(fam, tie_word_embeddings=tied), ByteTokenizer()
+def test_rotation_preserves_logits(fam, variant):
+    model, tok = tiny_model(fam, tie_word_embeddings=variant == "tied"), ByteTokenizer()
     spread_norms_(model)
     ids = torch.randint(0, 256, (2, 45))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
-    rot = rotate_(model, tok, SAMPLE_TEXT, ROT)
+        before = {n: p.clone() for n, p in model.named_parameters()}
+    rot = rotate_(model, tok, SAMPLE_TEXT, RotationConfig(tokens=512, seq_len=128, residual=variant != "heads"))
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert rel_err(out, ref) < 1e-5
+    changed = {n for n, p in model.named_parameters() if n not in before or not torch.allclose(p, before[n])}
+    assert "model.layers.0.self_attn.v_proj.weight" in changed and "model.layers.1.self_attn.o_proj.weight" in changed
+    r = rot.heads
+    eye = torch.eye(r.shape[-1], dtype=r.dtype)
+    assert torch.allclose(r.transpose(-1, -2) @ r, eye.expand_as(r), atol=1e-10)
+    gemma = fam.startswith("gemma")
+    if variant == "heads":
+        assert rot.residual is None
+        assert not any("q_proj" in n or "gate_proj" in n or "embed" in n for n in changed)
+        return
     q = rot.residual
     assert torch.allclose(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype), atol=1e-10)
-    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q_before)  # it did rotate
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.embed_tokens.weight" in changed
     assert model.lm_head.weight is not model.model.embed_tokens.weight
-    gemma = fam.startswith("gemma")
     assert isinstance(model.model.layers[0].post_attention_layernorm, RotatedNorm) == gemma
     assert (rot.meta["runtime_extra_weights"] > 0) == gemma
+
+
+def test_heads_rotation_is_applied_once(tmp_path):
+    """Heads-only rotation leaves q/down (the weight fingerprint) alone: the signature tells them apart."""
+    model, tok = tiny_model("mistral"), ByteTokenizer()
+    cfg = A.CalibrationConfig(tokens=256, seq_len=128, greedy=False)
+    calib = calibrate_rotated(model, tok, SAMPLE_TEXT, cfg, RotationConfig(tokens=256, seq_len=128, residual=False),
+                              progress=False)
+    fresh = tiny_model("mistral")
+    prepare_model_(fresh, calib)
+    prepare_model_(fresh, calib)  # already rotated: nothing happens
+    for (n, p), (_, r) in zip(fresh.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, r), n
+    with pytest.raises(ActsparseError, match="rotated copy"):
+        prepare_model_(tiny_model("mistral", seed=5), calib)
 
 
 def test_rotation_concentrates_the_qkv_input():
@@ -311,8 +335,8 @@ def test_cli_calibrate_rotate_then_eval(capsys, tmp_path, model_dir):
     text.write_text(SAMPLE_TEXT)
     calib = tmp_path / "c.safetensors"
     assert main(["calibrate", "--model", str(model_dir), "--text", str(text), "--out", str(calib), "--tokens", "512",
-                 "--seq-len", "128", "--no-greedy", "--criteria", "magnitude,wina,cats", "--rotate"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rotated"] is True
+                 "--seq-len", "128", "--no-greedy", "--criteria", "magnitude,wina,cats", "--rotate", "full"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rotated"] == "full"
     code = main(["eval", "--model", str(model_dir), "--text", str(text), "--calib", str(calib), "--sparsity", "0.4",
                  "--allocation", "uniform", "--criterion", "magnitude,wina,cats", "--context", "128",
                  "--max-tokens", "256", "--refine-tokens", "256"])
@@ -328,4 +352,5 @@ def test_quality_methods_name_registered_criteria():
     assert methods[0].name == "teal-greedy" and methods[0].criterion == "magnitude"
     assert len({m.name for m in methods}) == len(methods)
     assert all(m.criterion in available_criteria() for m in methods)
-    assert any(m.rotate for m in methods)
+    assert {m.rotation for m in methods} == {"", "heads", "full"}
+    assert methods[-1].rotation_config().residual and not methods[-3].rotation_config().residual
