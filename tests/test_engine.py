@@ -261,3 +261,15 @@ def test_smollm2_matches_hf():
     per_pos = torch.tensor([rel_err(out[:, i], ref_sparse[:, i]) for i in range(ids.shape[1])])
     assert per_pos.median() < 1e-5, per_pos
     assert per_pos.max() < 0.1 * rel_err(ref_sparse, ref_dense), per_pos
+
+
+def test_hf_view_of_engine_can_be_upcast_without_touching_the_engine():
+    """Regression (H100 run 2): hf.float() on the shared-weight HF model turned the engine's bf16
+    norms and embeddings into fp32, and every later engine call failed on a dtype mismatch."""
+    from actsparse.engine.load import hf_model_from_engine, random_model
+
+    model = random_model("tiny-llama", device="cpu", dtype=torch.bfloat16)
+    hf = hf_model_from_engine(model).float()
+    assert hf.model.norm.weight.dtype == torch.float32
+    dtypes = {p.dtype for p in model.parameters()}
+    assert dtypes == {torch.bfloat16}, dtypes

@@ -124,12 +124,14 @@ def hf_config(args: ModelArgs):
 def hf_state_dict_views(model: Transformer) -> dict[str, torch.Tensor]:
     """Hugging Face names -> views of a dense engine's weights (no copy: fused rows are contiguous)."""
     args = model.args
-    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.output.weight}
+    # detach(): new tensors on the same storage, so the HF model gets Parameters of its own and a later
+    # hf.float() cannot turn the engine's bf16 embeddings and norms into fp32 (it did, once)
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight.detach(),
+          "model.norm.weight": model.norm.weight.detach(), "lm_head.weight": model.output.weight.detach()}
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}"
-        sd[f"{p}.input_layernorm.weight"] = layer.attention_norm.weight
-        sd[f"{p}.post_attention_layernorm.weight"] = layer.ffn_norm.weight
+        sd[f"{p}.input_layernorm.weight"] = layer.attention_norm.weight.detach()
+        sd[f"{p}.post_attention_layernorm.weight"] = layer.ffn_norm.weight.detach()
         splits = [
             (layer.attention.wqkv, [f"{p}.self_attn.{n}_proj" for n in "qkv"], [args.q_size, args.kv_size, args.kv_size]),
             (layer.attention.wo, [f"{p}.self_attn.o_proj"], [args.dim]),
