@@ -32,6 +32,7 @@ def plot_quality(results: dict, path, title: str = "") -> None:
         for ax, k in zip(axes, (1, 2, 3)):
             ax.plot(xs, [p[k] for p in pts], marker="o", label=method)
     axes[0].axhline(results["dense"]["ppl"], color="k", ls="--", lw=1, label="dense")
+    axes[0].set_yscale("log")  # perplexity explodes at high sparsity
     for ax, label in zip(axes, ("perplexity", "KL(dense || sparse) per token", "top-1 agreement with dense")):
         ax.set_xlabel("achieved model-wide sparsity")
         ax.set_ylabel(label)
