@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .errors import ActsparseError
 from .models import SITES, decoder_layers, input_sites
-from .sparsify import SparseLinear, threshold_modules
+from .sparsify import threshold_modules
 
 MAX_SITE_SPARSITY = 0.99
 

@@ -17,17 +17,14 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import ActsparseError
-from .io import atomic_output, read_text
+from .io import load_tensors, save_tensors
 from .models import SITES, InputSite, config_hash, input_sites, model_type, weight_fingerprint
 
 # Log-spaced bins for |x|: bin 0 holds [0, LO), bins 1..N cover [LO, HI) geometrically, bin N+1 holds >= HI.
@@ -144,24 +141,11 @@ class Calibration:
         tensors = {f"hist/{k}": v.double().contiguous() for k, v in self.histograms.items()}
         tensors.update({f"alloc/{k}": v.float().contiguous() for k, v in self.allocations.items()})
         tensors.update({f"extra/{k}": v.contiguous() for k, v in self.extras.items()})
-        with atomic_output(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"actsparse": json.dumps(self.meta)})
+        save_tensors(path, tensors, self.meta)
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ActsparseError(f"calibration file not found: {path}")
-        try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["actsparse"])
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as exc:
-            raise ActsparseError(f"corrupt or foreign calibration file {path}: {exc}") from exc
-        if meta.get("kind") != "calibration":
-            raise ActsparseError(f"{path} is not an actsparse calibration file (kind={meta.get('kind')})")
+        tensors, meta = load_tensors(path, "calibration")
         hist = {k[5:]: v for k, v in tensors.items() if k.startswith("hist/")}
         alloc = {k[6:]: v for k, v in tensors.items() if k.startswith("alloc/")}
         extras = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}

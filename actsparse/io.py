@@ -75,6 +75,33 @@ def atomic_output(path: str | os.PathLike):
         raise
 
 
+def save_tensors(path, tensors: dict, meta: dict) -> None:
+    """A safetensors file with our JSON metadata under the key ``actsparse``, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"actsparse": json.dumps(meta)})
+
+
+def load_tensors(path, kind: str) -> tuple[dict, dict]:
+    """Read a file written by :func:`save_tensors`; its metadata must say ``kind``."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ActsparseError(f"{kind} file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["actsparse"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as exc:
+        raise ActsparseError(f"corrupt or foreign {kind} file {path}: {exc}") from exc
+    if meta.get("kind") != kind:
+        raise ActsparseError(f"{path} is not an actsparse {kind} file (kind={meta.get('kind')})")
+    return tensors, meta
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")

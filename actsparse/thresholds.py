@@ -8,17 +8,13 @@ calibration stored (per block, per site sparsities at levels 0, 0.05, ..., 0.9) 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ActsparseError
-from .io import atomic_output
+from .io import load_tensors, save_tensors
 from .models import SITES, config_hash, input_sites, weight_fingerprint
 
 
@@ -147,24 +143,12 @@ def refine_thresholds(model: nn.Module, tokenizer, text: str, calib, ts: Thresho
 def save_thresholds(path, thresholds: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     meta = dict(meta or {})
     meta.setdefault("kind", "thresholds")
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in thresholds.items()}
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"actsparse": json.dumps(meta)})
+    save_tensors(path, {k: v.detach().float().cpu().contiguous() for k, v in thresholds.items()}, meta)
 
 
 def load_thresholds(path, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Load a thresholds file; with ``model``, also check it was made for that model."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ActsparseError(f"thresholds file not found: {path}")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["actsparse"])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as exc:
-        raise ActsparseError(f"corrupt or foreign thresholds file {path}: {exc}") from exc
-    if meta.get("kind") != "thresholds":
-        raise ActsparseError(f"{path} is not an actsparse thresholds file (kind={meta.get('kind')})")
+    tensors, meta = load_tensors(path, "thresholds")
     if model is not None:
         if meta.get("config_hash") not in (None, config_hash(model.config)):
             raise ActsparseError(f"thresholds in {path} were made for another model ({meta.get('model')})")
