@@ -165,7 +165,7 @@ def run_demo(out_dir: str = "actsparse-demo", sparsity: float = 0.5, calib_token
     cal_path = out / "calibration.safetensors"
     if not cal_path.exists():
         run_calibrate(DEFAULT_MODEL, "wiki_calib", str(cal_path),
-                      CalibrationConfig(tokens=calib_tokens, seq_len=1024, greedy_tokens=1024))
+                      CalibrationConfig(tokens=calib_tokens, seq_len=1024, greedy_tokens=512, greedy_step=0.05))
     run_sparsify(DEFAULT_MODEL, str(cal_path), str(out / "thresholds.safetensors"), sparsity, "greedy")
     results = run_eval(DEFAULT_MODEL, "wiki_eval", calibration=str(cal_path), sparsities=[sparsity],
                        allocations=["uniform", "greedy"], max_tokens=eval_tokens,
