@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import ActsparseError
 from .models import InputSite, decoder_layers
-from .sparsify import BACKENDS, SparseLinear, register_transform
+from .sparsify import BACKENDS, SparseLinear, load_threshold_buffer, register_transform
 
 # Hugging Face activation names -> sparse_gate_up's activation names
 KERNEL_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
@@ -63,14 +63,7 @@ class CatsActivation(nn.Module):
         self._all_zero = True
 
     def set_thresholds(self, thresholds: torch.Tensor | float) -> None:
-        t = torch.as_tensor(thresholds, dtype=torch.float32).to(self.thresholds.device)
-        t = t.expand(self.features) if t.dim() == 0 else t
-        if t.shape != (self.features,):
-            raise ActsparseError(f"gate thresholds of shape {tuple(t.shape)} for an MLP with {self.features} neurons")
-        if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
-            raise ActsparseError("thresholds must be finite and >= 0")
-        self.thresholds.copy_(t)
-        self._all_zero = bool((t == 0).all())
+        self._all_zero = load_threshold_buffer(self.thresholds, thresholds, "an MLP gate with {n} neurons")
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -23,6 +23,19 @@ from .models import decoder_layers, input_sites
 BACKENDS = ("auto", "torch", "triton")
 
 
+def load_threshold_buffer(buffer: torch.Tensor, thresholds: torch.Tensor | float, what: str) -> bool:
+    """Check and copy thresholds (a scalar or [n]) into ``buffer`` [n]; return whether all are zero."""
+    n = buffer.shape[0]
+    t = torch.as_tensor(thresholds, dtype=torch.float32).to(buffer.device)
+    t = t.expand(n) if t.dim() == 0 else t
+    if t.shape != (n,):
+        raise ActsparseError(f"thresholds of shape {tuple(t.shape)} for {what.format(n=n)}")
+    if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
+        raise ActsparseError("thresholds must be finite and >= 0")
+    buffer.copy_(t)
+    return bool((t == 0).all())
+
+
 class SparseLinear(nn.Module):
     """``y = W (x * [|x| > thresholds]) + b``; thresholds: [in_features] fp32 buffer."""
 
@@ -50,14 +63,7 @@ class SparseLinear(nn.Module):
         return mod
 
     def set_thresholds(self, thresholds: torch.Tensor | float) -> None:
-        t = torch.as_tensor(thresholds, dtype=torch.float32).to(self.thresholds.device)
-        t = t.expand(self.in_features) if t.dim() == 0 else t
-        if t.shape != (self.in_features,):
-            raise ActsparseError(f"thresholds of shape {tuple(t.shape)} for a layer with {self.in_features} inputs")
-        if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
-            raise ActsparseError("thresholds must be finite and >= 0")
-        self.thresholds.copy_(t)
-        self._all_zero = bool((t == 0).all())
+        self._all_zero = load_threshold_buffer(self.thresholds, thresholds, "a layer with {n} inputs")
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
