@@ -166,9 +166,11 @@ def run_demo(out_dir: str = "actsparse-demo", sparsity: float = 0.5, calib_token
     if not cal_path.exists():
         run_calibrate(DEFAULT_MODEL, "wiki_calib", str(cal_path),
                       CalibrationConfig(tokens=calib_tokens, seq_len=1024, greedy_tokens=512, greedy_step=0.05))
-    run_sparsify(DEFAULT_MODEL, str(cal_path), str(out / "thresholds.safetensors"), sparsity, "greedy")
+    refine = min(calib_tokens, 4096)  # a short refinement pass keeps the demo minutes long on a CPU
+    run_sparsify(DEFAULT_MODEL, str(cal_path), str(out / "thresholds.safetensors"), sparsity, "greedy",
+                 refine_tokens=refine)
     results = run_eval(DEFAULT_MODEL, "wiki_eval", calibration=str(cal_path), sparsities=[sparsity],
-                       allocations=["uniform", "greedy"], max_tokens=eval_tokens,
+                       allocations=["uniform", "greedy"], max_tokens=eval_tokens, refine_tokens=refine,
                        out=str(out / "results.json"), plot=str(out / "quality.png"))
     gen = run_generate(DEFAULT_MODEL, prompt, thresholds=str(out / "thresholds.safetensors"), max_new_tokens=48)
     summary = {
