@@ -14,13 +14,15 @@ __version__ = "0.1.0"
 from .calibrate import Calibration, CalibrationConfig, calibrate  # noqa: E402
 from .errors import ActsparseError  # noqa: E402
 from .evaluate import evaluate, perplexity  # noqa: E402
+from .gated import CatsConfig  # noqa: E402  (also registers the CATS transform with sparsify_)
 from .io import read_text  # noqa: E402
 from .models import SUPPORTED_ARCHITECTURES, fetch_default, input_sites, load_model  # noqa: E402
+from .rotate import RotationConfig, rotate_  # noqa: E402
 from .sparsify import SparseLinear, TealConfig, sparsify_, track_sparsity  # noqa: E402
 from .thresholds import ThresholdSet, compute_thresholds, load_thresholds, save_thresholds  # noqa: E402
 
 __all__ = [
-    "ActsparseError", "Calibration", "CalibrationConfig", "SUPPORTED_ARCHITECTURES", "SparseLinear",
+    "ActsparseError", "Calibration", "CalibrationConfig", "CatsConfig", "RotationConfig", "rotate_", "SUPPORTED_ARCHITECTURES", "SparseLinear",
     "TealConfig", "ThresholdSet", "calibrate", "compute_thresholds", "evaluate", "fetch_default",
     "input_sites", "load_model", "load_thresholds", "perplexity", "read_text", "save_thresholds",
     "sparsify_", "track_sparsity",

@@ -12,6 +12,7 @@ scale is folded into the per-channel threshold buffer of :class:`actsparse.spars
 * ``cats``, ``cats_wina`` (CATS, gate-aware): the MLP is sparsified on its *output* side,
   ``|act(gate(x))| > t`` skips the matching rows of up and columns of down
   (:mod:`actsparse.gated`); q/k/v and o keep input sparsity with ``magnitude`` / ``wina``.
+  ``cats_gate`` also sparsifies the MLP input (magnitude) for the gate.
 
 Criteria register themselves with :func:`register_criterion`; calibration records the histograms a
 criterion asks for, and :meth:`Criterion.site_thresholds` turns a site sparsity into thresholds.
@@ -179,8 +180,10 @@ class Cats(Criterion):
     The ``down`` site's sparsity is the fraction of neurons whose ``|act(gate)|`` is at or below the
     threshold; such a neuron's up row and down column are skipped, so the site skips
     ``2 * weight_numel(down)`` elements per unit. The gate is read in full (its output decides), so
-    ``gate_up`` skips nothing unless ``gate_input`` also sparsifies the MLP input (counted on the
-    gate only: the fused kernel reads up rows in full). q/k/v and o use ``input_criterion``.
+    ``gate_up`` skips nothing unless ``gate_input`` also sparsifies the MLP input (criterion
+    ``cats_gate``): then the gate's skipped columns are counted, and up (whose kept rows are read in
+    full) is not. The fused ``sparse_gate_up`` kernel reads gate rows in full, so those gate savings
+    need a column-skipping gate GEMV to be real. q/k/v and o use ``input_criterion``.
     """
 
     stat = "cats"
@@ -267,7 +270,8 @@ class Cats(Criterion):
         return undo
 
 
-for _name, _input, _gate_input in (("cats", "magnitude", False), ("cats_wina", "wina", False)):
+for _name, _input, _gate_input in (("cats", "magnitude", False), ("cats_wina", "wina", False),
+                                   ("cats_gate", "magnitude", True)):
     _CRITERIA[_name] = Cats(_name, _input, _gate_input)
 
 

@@ -134,7 +134,8 @@ class CatsMLP(nn.Module):
                 up_proj.track = True
         if credit_rows:
             # rows of up read = neurons kept; a prefill-dense multi-token step skips nothing
-            skipped = (a == 0) if not (act.prefill_dense and x.dim() >= 2 and x.shape[-2] > 1) else torch.zeros_like(a, dtype=torch.bool)
+            dense_step = act.prefill_dense and x.dim() >= 2 and x.shape[-2] > 1
+            skipped = torch.zeros_like(a, dtype=torch.bool) if dense_step else (a == 0)
             up_proj.zeros = up_proj.zeros + skipped.sum()
             up_proj.seen += skipped.numel()
         return self.down_proj(a * up)

@@ -29,10 +29,17 @@ Costs and limits:
   scaled norm does not commute with ``Q``, so there the post-norm's output is multiplied by ``Q`` at
   run time (:class:`RotatedNorm`, 2 D^2 extra weights per block, reported in ``Rotation.meta``).
 * Qwen3/Gemma3 q/k norms act on the output side of q/k, untouched.
+* Measured on SmolLM2-135M (``docs/notes/criteria.md``): the residual rotation does *not* help there.
+  Each principal coordinate mixes many channels and is closer to Gaussian than the peaked raw
+  channels, which outweighs the energy concentration: at equal sparsity the q/k/v and gate/up output
+  errors are 25-30 % higher, and calibrated thresholds give less sparsity on new text. The heads
+  rotation halves the o input's error. ``RotationConfig(residual=False)`` rotates the heads only.
 
 A rotated model is a different model: calibrate it again. The config hash stays, the weight
-fingerprint changes. A calibration made on a rotated model carries ``Q`` (extras ``rotation/*``) and
-:func:`prepare_model_` applies it to a freshly loaded model before thresholds are used.
+fingerprint changes (heads-only rotation leaves q and down, hence the fingerprint, unchanged:
+:func:`rotation_signature` also reads v and o). A calibration made on a rotated model carries ``Q``
+(extras ``rotation/*``) and :func:`prepare_model_` applies it to a freshly loaded model before
+thresholds are used.
 """
 
 from __future__ import annotations
@@ -194,7 +201,8 @@ def _head_shape(model: nn.Module) -> tuple[int, int, int]:
     _, layers = decoder_layers(model)
     attn = layers[0].self_attn
     cfg = model.config
-    head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = (getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
+                or cfg.hidden_size // cfg.num_attention_heads)
     return attn.o_proj.in_features // head_dim, attn.v_proj.out_features // head_dim, head_dim
 
 
@@ -221,17 +229,18 @@ def collect_statistics(model: nn.Module, tokenizer, text: str, config: RotationC
     n_heads, n_kv, head_dim = _head_shape(model)
     group = n_heads // n_kv
     dim = model.config.hidden_size
-    residual = torch.zeros(dim, dim, dtype=torch.float64)
-    heads = torch.zeros(len(layers), n_kv, head_dim, head_dim, dtype=torch.float64)
-    windows = tokenize_windows(tokenizer, text, config.seq_len, config.tokens, "rotation")
     device = next(model.parameters()).device
+    # accumulate on the model's device: a CPU round trip per hook costs minutes on a 16k-token run
+    residual = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    heads = torch.zeros(len(layers), n_kv, head_dim, head_dim, dtype=torch.float64, device=device)
+    windows = tokenize_windows(tokenizer, text, config.seq_len, config.tokens, "rotation")
 
     def add_residual(mod, args, out):
-        x = out.detach().reshape(-1, dim).double().cpu()
+        x = out.detach().reshape(-1, dim).double()
         residual.add_(x.T @ x)
 
     def add_heads(mod, args, i):
-        a = args[0].detach().reshape(-1, n_kv, group, head_dim).double().cpu()  # heads of a KV group
+        a = args[0].detach().reshape(-1, n_kv, group, head_dim).double()  # heads of a KV group
         a = a.permute(1, 0, 2, 3).reshape(n_kv, -1, head_dim)  # [kv, tokens * group, hd]
         heads[i].add_(a.transpose(1, 2) @ a)
 
@@ -249,7 +258,7 @@ def collect_statistics(model: nn.Module, tokenizer, text: str, config: RotationC
     finally:
         for h in handles:
             h.remove()
-    return residual, heads, int(windows.numel())
+    return residual.cpu(), heads.cpu(), int(windows.numel())
 
 
 # -- folding the rotation into the weights -----------------------------------------------------------
@@ -387,4 +396,4 @@ def calibrate_rotated(model: nn.Module, tokenizer, text: str, config=None, rotat
 
 
 __all__ = ["Rotation", "RotationConfig", "RotatedNorm", "apply_rotation_", "calibrate_rotated", "collect_statistics",
-           "fold_norms_", "prepare_model_", "rotate_", "untie_lm_head_"]
+           "fold_norms_", "prepare_model_", "rotate_", "rotation_signature", "untie_lm_head_"]

@@ -13,10 +13,10 @@ from actsparse.errors import ActsparseError
 from actsparse.gated import CatsActivation, CatsConfig, CatsMLP, install_cats_, uninstall_cats_
 from actsparse.models import decoder_layers, input_sites
 from actsparse.rotate import RotatedNorm, RotationConfig, calibrate_rotated, prepare_model_, rotate_
-from actsparse.sparsify import apply_thresholds_, sparse_linears, threshold_modules, track_sparsity
+from actsparse.sparsify import apply_thresholds_, threshold_modules, track_sparsity
 from actsparse.thresholds import compute_thresholds, refine_thresholds, site_sparsities
 
-CRITERIA = ("magnitude", "wina", "cats", "cats_wina")
+CRITERIA = ("magnitude", "wina", "cats", "cats_wina", "cats_gate")
 CFG = A.CalibrationConfig(tokens=768, seq_len=128, greedy_tokens=128, greedy_step=0.1, criteria=CRITERIA)
 ROT = RotationConfig(tokens=512, seq_len=128)
 
@@ -76,7 +76,7 @@ def test_wina_ranks_differently_from_magnitude(calibrated):
 
 
 # -- targets, allocation, sparsity 0 -------------------------------------------------------------------
-@pytest.mark.parametrize("criterion", ["wina", "cats", "cats_wina"])
+@pytest.mark.parametrize("criterion", ["wina", "cats", "cats_wina", "cats_gate"])
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
 def test_criterion_reaches_target_after_refine(calibrated, criterion, allocation):
     model, tok, calib = calibrated
@@ -97,6 +97,7 @@ def test_greedy_tables_for_every_criterion(calibrated):
     gate_up = 2  # column of models.SITES
     assert float(calib.allocations["cats"][..., gate_up].abs().max()) == 0.0  # the gate is read in full
     assert float(calib.allocations["wina"][..., gate_up].max()) > 0.0
+    assert float(calib.allocations["cats_gate"][..., gate_up].max()) > 0.0  # MLP input sparsity: gate columns
     with pytest.raises(ActsparseError, match="at most"):
         site_sparsities(model, calib, 0.85, "greedy", "cats")
     with pytest.raises(ActsparseError, match="at most"):
