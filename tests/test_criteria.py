@@ -355,3 +355,17 @@ def test_quality_methods_name_registered_criteria():
     assert all(m.criterion in available_criteria() for m in methods)
     assert {m.rotation for m in methods} == {"", "heads", "full"}
     assert methods[-1].rotation_config().residual and not methods[-3].rotation_config().residual
+
+
+def test_engine_refuses_cats_thresholds_instead_of_dropping_them(calibrated):
+    from actsparse.engine.load import engine_from_hf_model
+
+    _, _, calib = calibrated
+    plain = tiny_model("llama")
+    A.sparsify_(plain, A.TealConfig(sparsity=0.5, allocation="uniform", calibration=calib))
+    _, thresholds, _ = engine_from_hf_model(plain)
+    assert thresholds is not None and not any(k.endswith(".act_fn") for k in thresholds)
+    cats = tiny_model("llama")
+    A.sparsify_(cats, CatsConfig(sparsity=0.5, allocation="uniform", calibration=calib))
+    with pytest.raises(A.ActsparseError, match="gate-aware"):
+        engine_from_hf_model(cats)

@@ -172,6 +172,12 @@ def engine_from_hf_model(hf_model, device=None, dtype=None) -> tuple[Transformer
     with torch.device("meta"):
         model = Transformer(args, dtype=dtype)
     _assign_weights(model, _hf_to_engine_state_dict(tensors, args))
+    gate = [n for n, t in thresholds.items() if n.endswith(".act_fn") and bool((t != 0).any())]
+    if gate:
+        raise ActsparseError(
+            f"the decode engine does not run gate-aware (CATS) thresholds yet ({gate[0]}); "
+            "use the Hugging Face path (engine 'hf') for this model")
+    thresholds = {n: t for n, t in thresholds.items() if not n.endswith(".act_fn")}
     if thresholds and all(bool((t == 0).all()) for t in thresholds.values()):
         thresholds = {}
     return model, (thresholds or None), prefill_dense
