@@ -286,6 +286,8 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--time-budget", type=float, default=480.0, help="skip remaining batches after this (s)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--gemv-configs", default=None,
+                   help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)
     device = args.device
     on_cuda = torch.device(device).type == "cuda"
@@ -315,6 +317,11 @@ def main(argv=None) -> dict:
         result["triton"], result["transformers"] = triton.__version__, transformers.__version__
     except ImportError:
         pass
+    if args.gemv_configs:
+        from actsparse.kernels.sparse_gemv import load_tuned_configs
+
+        result["gemv_configs"] = {k: str(v) for k, v in load_tuned_configs(args.gemv_configs).items()}
+        log(f"sparse_gemv configs from {args.gemv_configs}: {result['gemv_configs']}")
     gates: dict[str, dict] = {}
 
     def record_error(where: str) -> None:

@@ -111,6 +111,13 @@ def test_sparsity_zero_reproduces_dense(hf_and_engine):
     dense = engine_logits(engine, ids)
     engine.sparsify_(None, backend="torch")
     assert rel_err(engine_logits(engine, ids), dense) < 1e-6
+    # all-zero thresholds skip nothing: each linear takes the dense product (cuBLAS on a GPU) ...
+    assert all(lin.keeps_all for _, lin, _ in engine.block_linears())
+    key = engine.sparse_key()
+    # ... and one positive threshold switches that linear back to the sparse path (new graph key)
+    _, lin, _ = next(iter(engine.block_linears()))
+    lin.set_thresholds_(torch.full((lin.in_features,), 0.5))
+    assert not lin.keeps_all and engine.sparse_key() != key
 
 
 def test_triton_backend_matches_reference(tmp_path):

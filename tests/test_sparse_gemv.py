@@ -101,9 +101,14 @@ def test_matches_reference(K, N, B, s, dtype):
         GemvConfig(32, 64, num_stages=3, use_dot=True),
         GemvConfig(512, 256),
         GemvConfig(512, 256, num_stages=2),
+        GemvConfig(16, 64, programs_per_sm=8, compact=True),
+        GemvConfig(32, 128, num_warps=2, compact=True),
+        GemvConfig(32, 64, use_dot=True, compact=True),
+        GemvConfig(512, 256, compact=True),
     ],
     ids=["pipelined-many-splits", "register-2warps", "pipelined", "register-dot-b1", "pipelined-dot-b1",
-         "register-single-split", "pipelined-single-split"],
+         "register-single-split", "pipelined-single-split", "compact-many-splits", "compact-2warps",
+         "compact-dot-b1", "compact-single-split"],
 )
 @pytest.mark.parametrize("B", [1, 4])
 def test_configs(config, B):
@@ -135,7 +140,7 @@ def test_nan_inputs_are_never_kept():
 def test_workspace_is_left_zero_and_reused():
     x, w_t, thresholds = make_case(577, 1001, 3, 0.5, torch.bfloat16, seed=5)
     y1 = sg._sparse_gemv_impl(x, w_t, thresholds, persistent_workspace=True)
-    acc, counts = sg._WORKSPACES[sg._stream_key(x.device)]
+    acc, counts, _ = sg._WORKSPACES[sg._stream_key(x.device)]
     assert torch.count_nonzero(acc) == 0 and torch.count_nonzero(counts) == 0
     y2 = sg._sparse_gemv_impl(x, w_t, thresholds, persistent_workspace=True)
     torch.testing.assert_close(y1, y2, rtol=1e-2, atol=1e-3)
@@ -198,3 +203,44 @@ def test_config_validation_and_pick():
     for K, N, B in [(1, 1, 1), (577, 1001, 3), (4096, 28672, 1), (14336, 4096, 8)]:
         cfg = pick_config(K, N, B)
         assert cfg.block_k >= 16 and cfg.block_n >= 16
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_compact_ignores_stale_scratch(B):
+    """The row-index scratch is never cleared: garbage left in it must not change the result."""
+    cfg = GemvConfig(16, 64, programs_per_sm=8, compact=True)
+    x, w_t, thresholds = make_case(333, 150, B, 0.7, torch.float32, seed=21 + B)
+    y1 = run_poisoned(x, w_t, thresholds, config=cfg, persistent_workspace=True)
+    _, _, idx = sg._WORKSPACES[sg._stream_key(x.device)]
+    idx.fill_(123456)  # far out of range: a stale index would read garbage or fault
+    y2 = run_poisoned(x, w_t, thresholds, config=cfg, persistent_workspace=True)
+    ref = exact(x, w_t, thresholds)
+    assert rel_err(y1, ref) < TOL[torch.float32] and rel_err(y2, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("K,N", [(4096, 28672), (14336, 4096), (4096, 4096), (300, 200)])
+def test_compact_split_fits_one_wave(K, N):
+    """The compacting variant floors its K splits: one wave of programs covers all of K."""
+    cfg = GemvConfig(32, 128, programs_per_sm=6, compact=True)
+    grid_n = -(-N // cfg.block_n)
+    grid_k, steps = sg.split_k(K, grid_n, cfg, sm_count=132)
+    assert grid_k * steps * cfg.block_k >= K > (grid_k - 1) * steps * cfg.block_k
+    assert grid_n * grid_k <= max(grid_n, 6 * 132)
+
+
+def test_tuned_configs(tmp_path):
+    import json
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"b1": {"block_k": 64, "block_n": 256, "num_warps": 8, "compact": True},
+                                "batched": {"block_k": 16, "block_n": 128}}))
+    try:
+        sg.load_tuned_configs(str(path))
+        assert pick_config(4096, 4096, 1) == GemvConfig(64, 256, num_warps=8, compact=True)
+        assert pick_config(4096, 4096, 4) == GemvConfig(16, 128)
+        assert pick_config(20, 40, 1).block_k == 32  # still clamped to the problem
+        x, w_t, thresholds = make_case(200, 300, 1, 0.5, torch.bfloat16, seed=5)
+        assert rel_err(run_poisoned(x, w_t, thresholds), exact(x, w_t, thresholds)) < TOL[torch.bfloat16]
+    finally:
+        sg.set_tuned_configs()
+    assert pick_config(4096, 4096, 1).compact

@@ -213,6 +213,7 @@ class Linear(nn.Module):
         self.register_buffer("thresholds", None)  # [K] fp32 in sparse mode
         self.backend = "dense"
         self.prefill_dense = False  # sparse mode: keep multi-token (prompt) inputs dense
+        self.keeps_all = True  # sparse mode: every threshold <= 0, so cuBLAS computes the same sum
         self.record: list | None = None  # calibration/statistics: inputs are appended here when set
 
     @property
@@ -237,6 +238,7 @@ class Linear(nn.Module):
         """Copy new thresholds in place (a captured CUDA graph keeps working with the new values)."""
         if thresholds is None:
             self.thresholds.zero_()
+            self.keeps_all = True
             return
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
         if thresholds.ndim == 0:
@@ -244,6 +246,9 @@ class Linear(nn.Module):
         if thresholds.shape != (self.in_features,):
             raise ActsparseError(f"thresholds have shape {tuple(thresholds.shape)}, expected ({self.in_features},)")
         self.thresholds.copy_(thresholds)
+        # All thresholds <= 0 keep every nonzero input: the dense product is the same sum, and
+        # cuBLAS reads the [K, N] weight faster than the sparse kernel when nothing is skipped.
+        self.keeps_all = bool((self.thresholds <= 0).all())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, K] -> [B, T, N]
         if self.record is not None:
@@ -260,7 +265,7 @@ class Linear(nn.Module):
     @torch.compiler.disable
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if self.prefill_dense and x.dim() == 3 and x.shape[1] > 1:
+        if (self.prefill_dense and x.dim() == 3 and x.shape[1] > 1) or self.keeps_all:
             y = x2 @ self.weight_t
         elif self.backend == "triton" and x2.shape[0] <= MAX_GEMV_ROWS:
             y = _sparse_gemv()(x2, self.weight_t, self.thresholds)  # [M, N]
@@ -483,7 +488,7 @@ class Transformer(nn.Module):
     def sparse_key(self) -> tuple:
         """What a captured decode graph depends on besides buffer contents."""
         lin = self.layers[0].attention.wqkv
-        return (lin.backend, lin.prefill_dense)
+        return (lin.backend, lin.prefill_dense, tuple(l.keeps_all for _, l, _ in self.block_linears()))
 
     @property
     def prefill_dense(self) -> bool:

@@ -41,6 +41,7 @@ An input is kept iff ``|x| > thr`` (strict); NaN inputs are never kept.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -211,23 +212,148 @@ def _sparse_gemv_kernel(
         if not USE_DOT:
             acc = tl.sum(acc_2d, axis=0)[None, :]  # [1, BLOCK_N]
 
-    # out_offs: [B_PAD, BLOCK_N] offsets into y and the workspace (both [B, N] row-major)
+    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT)
+
+
+@triton.jit
+def _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N,
+             SINGLE_SPLIT: tl.constexpr):
+    """Epilogue shared by both kernels: store acc [B_PAD, BLOCK_N] into y (one split), or add it
+    into the fp32 workspace; the last program of a column tile publishes the sum and re-zeroes."""
     out_offs = offs_b[:, None] * N + offs_n[None, :]
     out_mask = b_mask[:, None] & n_mask[None, :]
     if SINGLE_SPLIT:
         tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.atomic_add(acc_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
-        # every thread's adds happen before the (release) arrival below
-        tl.debug_barrier()
+        tl.debug_barrier()  # every thread's adds happen before the (release) arrival below
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == tl.num_programs(1) - 1:
-            # last program of this column tile: read the sum at L2, publish it, reset the state
             total = tl.atomic_add(acc_ptr + out_offs, tl.zeros_like(acc), mask=out_mask, sem="acq_rel")
             total = tl.where(out_mask, total, 0.0)  # masked lanes of an atomic return junk
             tl.store(y_ptr + out_offs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
             tl.store(acc_ptr + out_offs, tl.zeros_like(acc), mask=out_mask)
             tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
+                  offs_j, offs_n, n_mask, offs_b, b_mask,
+                  HAS_THRESHOLDS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """One tile of the compacting kernel: kept rows scratch[t : t + BLOCK_K] (indices `idx`,
+    fetched one tile ahead). Returns the new accumulator and the next tile's indices."""
+    j_mask = (t + offs_j) < cnt
+    p_offs = t + BLOCK_K + offs_j
+    idx_next = tl.load(scratch + p_offs, mask=p_offs < cnt, other=0)
+    w_tile = tl.load(  # [BLOCK_K, BLOCK_N]: BLOCK_K kept rows (fewer in the last tile)
+        w_ptr + idx.to(tl.int64)[:, None] * N + offs_n[None, :],
+        mask=j_mask[:, None] & n_mask[None, :],
+        other=0.0,
+    )
+    if USE_DOT:
+        x_tile = tl.load(  # [B_PAD, BLOCK_K]
+            x_ptr + offs_b[:, None] * stride_xb + idx[None, :],
+            mask=b_mask[:, None] & j_mask[None, :],
+            other=0.0,
+        )
+        if HAS_THRESHOLDS:
+            thr_j = tl.load(thr_ptr + idx, mask=j_mask, other=0.0)
+        else:
+            thr_j = tl.zeros([BLOCK_K], dtype=tl.float32)
+        keep = (tl.abs(x_tile.to(tl.float32)) > thr_j[None, :]) & b_mask[:, None] & j_mask[None, :]
+        acc = _dot_kept(x_tile, keep, w_tile, acc, DOT_FP32)
+    else:
+        x_j = tl.load(x_ptr + idx, mask=j_mask, other=0.0).to(tl.float32)  # every listed row is kept
+        acc += x_j[:, None] * w_tile.to(tl.float32)
+    return acc, idx_next
+
+
+@triton.jit
+def _sparse_gemv_compact_kernel(
+    x_ptr,  # x: [B, K], unit column stride, row stride stride_xb
+    w_ptr,  # w_t: [K, N] contiguous
+    thr_ptr,  # thresholds: [K] fp32 (not read when HAS_THRESHOLDS is False)
+    y_ptr,  # y: [B, N] contiguous, x.dtype
+    acc_ptr,  # workspace: [>= B * N] fp32, zero on entry and exit
+    count_ptr,  # arrival counters: [>= cdiv(N, BLOCK_N)] int32, zero on entry and exit
+    idx_ptr,  # row-index scratch: [>= num_programs(1) * ROWS] int32, any content on entry
+    B,
+    K,
+    N,
+    stride_xb,
+    ROWS: tl.constexpr,  # rows of K owned by each program along K (a multiple of BLOCK_K)
+    HAS_THRESHOLDS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    X_ROWS: tl.constexpr,
+    B_PAD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,  # power of two: rows scanned per step of the compaction pass
+    STATIC_LOOP: tl.constexpr,  # loop over all ROWS instead of the kept count (CPU interpreter)
+):
+    """Compacting variant: each program first lists the kept rows of its K range (threshold test,
+    prefix sum, indices stored to a scratch slice), then streams only those rows in full
+    BLOCK_K-row tiles. Steps, and bytes in flight per step, no longer depend on the sparsity."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_b = tl.arange(0, B_PAD)
+    b_mask = offs_b < B
+    k_lo = pid_k * ROWS
+    # The scratch slice belongs to this K range; the programs of other column tiles with the same
+    # pid_k write the same indices to it (same inputs, same order), so their writes agree.
+    scratch = idx_ptr + k_lo
+
+    # Pass 1: compaction. cnt = kept rows so far; kept row r goes to scratch[cnt + rank].
+    offs_c = tl.arange(0, CHUNK)
+    cnt = tl.zeros([], dtype=tl.int32)
+    for c in range(0, ROWS, CHUNK):
+        rows = k_lo + c + offs_c
+        in_r = ((c + offs_c) < ROWS) & (rows < K)
+        if HAS_THRESHOLDS:
+            thr = tl.load(thr_ptr + rows, mask=in_r, other=0.0)
+        else:
+            thr = tl.zeros([CHUNK], dtype=tl.float32)
+        if USE_DOT:
+            active = tl.zeros([CHUNK], dtype=tl.int32)
+            for b in tl.static_range(X_ROWS):
+                x_b = tl.load(x_ptr + b * stride_xb + rows, mask=in_r & (b < B), other=0.0)
+                keep_b = (tl.abs(x_b.to(tl.float32)) > thr) & in_r & (b < B)
+                active = tl.maximum(active, keep_b.to(tl.int32))
+        else:
+            x_c = tl.load(x_ptr + rows, mask=in_r, other=0.0)
+            active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
+        rank = tl.cumsum(active, axis=0) - 1
+        tl.store(scratch + cnt + rank, rows, mask=active > 0)
+        cnt += tl.sum(active, axis=0)
+    tl.debug_barrier()  # the CTA's index stores are visible to all of its threads
+
+    # Pass 2: full tiles of kept rows. Indices of tile t + 1 are fetched during tile t.
+    offs_j = tl.arange(0, BLOCK_K)
+    idx_next = tl.load(scratch + offs_j, mask=offs_j < cnt, other=0)
+    if USE_DOT:
+        acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # per-row partials, summed at the end
+    if STATIC_LOOP:
+        # The CPU interpreter (NumPy >= 2.4) cannot take a tensor as a loop bound: it runs every
+        # possible tile; tiles past cnt are fully masked, so the result is the same.
+        for t in range(0, ROWS, BLOCK_K):
+            acc, idx_next = _compact_tile(t, cnt, idx_next, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
+                                          offs_j, offs_n, n_mask, offs_b, b_mask,
+                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K)
+    else:
+        for t in range(0, cnt, BLOCK_K):
+            acc, idx_next = _compact_tile(t, cnt, idx_next, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
+                                          offs_j, offs_n, n_mask, offs_b, b_mask,
+                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K)
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT)
 
 
 @dataclass(frozen=True)
@@ -243,6 +369,7 @@ class GemvConfig:
     programs_per_sm: int = 6
     max_steps: int = 64  # cap on STEPS (the pipelined variant keeps STEPS*BLOCK_K x values)
     use_dot: Optional[bool] = None  # tl.dot for B == 1 too if True; B > 1 always uses tl.dot
+    compact: bool = False  # list the kept rows first, then stream full tiles of them
 
     def __post_init__(self):
         for name in ("block_k", "block_n", "max_steps"):
@@ -254,31 +381,65 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1 or self.programs_per_sm < 1:
             raise ValueError("GemvConfig.num_stages and programs_per_sm must be >= 1")
+        if self.compact and self.num_stages != 1:
+            raise ValueError("GemvConfig: the compacting variant has no cp.async pipeline (num_stages=1)")
 
     def __str__(self) -> str:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
-        return (f"bk{self.block_k}-bn{self.block_n}-st{self.num_stages}-w{self.num_warps}"
-                f"-p{self.programs_per_sm}{dot}")
+        return (f"{'c-' if self.compact else ''}bk{self.block_k}-bn{self.block_n}-st{self.num_stages}"
+                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}")
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def pick_config(K: int, N: int, B: int) -> GemvConfig:
-    """Tile config for a (K, N, B) problem: the configs that won the H100 sweep (geometric mean of
-    time over Llama-2/3 and ProSparse shapes at s = 0, 0.5, 0.9; docs/notes/sparse_gemv.md),
-    with the tile clamped for small K or N. No per-model table: one rule for every shape.
+_TUNED: dict[str, GemvConfig] = {}  # "b1" / "batched": configs from a sweep on this machine
 
-    B == 1: register variant, 32x128 tiles, 4 warps, ~6 programs per SM.
-    B > 1: register variant with tl.dot, 32x256 tiles, 4 warps, ~4 programs per SM.
+
+def set_tuned_configs(b1: Optional[GemvConfig] = None, batched: Optional[GemvConfig] = None) -> None:
+    """Use these configs instead of the built-in rule (e.g. the winners of
+    ``benchmarks/bench_sparse_gemv.py --sweep --save-choice`` on your GPU); None restores the rule."""
+    _TUNED.clear()
+    if b1 is not None:
+        _TUNED["b1"] = b1
+    if batched is not None:
+        _TUNED["batched"] = batched
+
+
+def load_tuned_configs(path: str) -> dict[str, GemvConfig]:
+    """Read {"b1": {GemvConfig fields}, "batched": {...}} (JSON) and apply it with set_tuned_configs."""
+    import json  # noqa: PLC0415
+
+    with open(path) as f:
+        raw = json.load(f)
+    configs = {k: GemvConfig(**v) for k, v in raw.items() if k in ("b1", "batched") and v}
+    set_tuned_configs(configs.get("b1"), configs.get("batched"))
+    return configs
+
+
+def _clamped(config: GemvConfig, K: int, N: int) -> GemvConfig:
+    return dataclasses.replace(
+        config,
+        block_k=min(config.block_k, max(16, _next_pow2(K))),
+        block_n=min(config.block_n, max(16, _next_pow2(N))),
+    )
+
+
+def pick_config(K: int, N: int, B: int) -> GemvConfig:
+    """Tile config for a (K, N, B) problem, with the tile clamped for small K or N. No per-model
+    table: one rule for every shape (or the configs given to set_tuned_configs).
+
+    Both batch regimes use the compacting variant (kept rows listed first, then full tiles of
+    them): B == 1 with 32x128 tiles and ~6 programs per SM, B > 1 with tl.dot on 32x256 tiles
+    and ~4 programs per SM (H100 sweeps, docs/notes/sparse_gemv.md).
     """
-    block_k = min(32, max(16, _next_pow2(K)))
+    tuned = _TUNED.get("b1" if B == 1 else "batched")
+    if tuned is not None:
+        return _clamped(tuned, K, N)
     if B == 1:
-        block_n = min(128, max(16, _next_pow2(N)))
-        return GemvConfig(block_k=block_k, block_n=block_n, num_stages=1, num_warps=4, programs_per_sm=6)
-    block_n = min(256, max(16, _next_pow2(N)))
-    return GemvConfig(block_k=block_k, block_n=block_n, num_stages=1, num_warps=4, programs_per_sm=4)
+        return _clamped(GemvConfig(32, 128, num_stages=1, num_warps=4, programs_per_sm=6, compact=True), K, N)
+    return _clamped(GemvConfig(32, 256, num_stages=1, num_warps=4, programs_per_sm=4, compact=True), K, N)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -302,6 +463,11 @@ def split_k(K: int, grid_n: int, config: GemvConfig, sm_count: int) -> tuple[int
     the register variant (only the pipelined one needs them), is the next thing to measure.
     """
     k_blocks = triton.cdiv(K, config.block_k)
+    if config.compact:
+        # Any number of steps per program: floor the target so that one wave holds every program.
+        target = max(1, (config.programs_per_sm * sm_count) // grid_n)
+        steps = triton.cdiv(k_blocks, target)
+        return triton.cdiv(k_blocks, steps), steps
     target = max(1, round(config.programs_per_sm * sm_count / grid_n))
     steps = min(_next_pow2(triton.cdiv(k_blocks, target)), config.max_steps, _next_pow2(k_blocks))
     return triton.cdiv(k_blocks, steps), steps
@@ -310,8 +476,8 @@ def split_k(K: int, grid_n: int, config: GemvConfig, sm_count: int) -> tuple[int
 # --------------------------------------------------------------------------------------------
 # Workspace: fp32 partial sums and per-column-tile arrival counters, left zeroed by each launch.
 # --------------------------------------------------------------------------------------------
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_RETIRED_WORKSPACES: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept alive: graphs may hold them
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_RETIRED_WORKSPACES: list[tuple] = []  # kept alive: graphs may hold them
 
 
 def _stream_key(device: torch.device) -> tuple:
@@ -320,18 +486,22 @@ def _stream_key(device: torch.device) -> tuple:
     return (device.type, device.index, 0)
 
 
-def _cached_workspace(device: torch.device, acc_numel: int, count_numel: int):
+def _cached_workspace(device: torch.device, acc_numel: int, count_numel: int, idx_numel: int = 1):
+    """(fp32 partial sums, int32 arrival counters, int32 row-index scratch) for this stream."""
     key = _stream_key(device)
     cached = _WORKSPACES.get(key)
-    if cached is not None and cached[0].numel() >= acc_numel and cached[1].numel() >= count_numel:
+    if (cached is not None and cached[0].numel() >= acc_numel and cached[1].numel() >= count_numel
+            and cached[2].numel() >= idx_numel):
         return cached
     if cached is not None:
         _RETIRED_WORKSPACES.append(cached)
         acc_numel = max(acc_numel, cached[0].numel())
         count_numel = max(count_numel, cached[1].numel())
+        idx_numel = max(idx_numel, cached[2].numel())
     cached = (
         torch.zeros(acc_numel, dtype=torch.float32, device=device),
         torch.zeros(count_numel, dtype=torch.int32, device=device),
+        torch.empty(idx_numel, dtype=torch.int32, device=device),  # scratch: no zeroing needed
     )
     _WORKSPACES[key] = cached
     return cached
@@ -411,15 +581,40 @@ def _launch(
     grid_n = triton.cdiv(N, config.block_n)
     grid_k, steps = split_k(K, grid_n, config, _sm_count(x.device))
     single_split = grid_k == 1
+    idx_numel = grid_k * steps * config.block_k if config.compact else 1
     if persistent_workspace:
-        acc, counts = _cached_workspace(x.device, B * N, grid_n)
-    elif single_split:  # the kernel stores y directly and never touches these
-        acc = torch.empty(1, dtype=torch.float32, device=x.device)
-        counts = torch.empty(1, dtype=torch.int32, device=x.device)
+        acc, counts, idx = _cached_workspace(x.device, B * N, grid_n, idx_numel)
     else:
-        acc = torch.zeros(B * N, dtype=torch.float32, device=x.device)
-        counts = torch.zeros(grid_n, dtype=torch.int32, device=x.device)
+        idx = torch.empty(idx_numel, dtype=torch.int32, device=x.device)
+        if single_split:  # the kernel stores y directly and never touches these
+            acc = torch.empty(1, dtype=torch.float32, device=x.device)
+            counts = torch.empty(1, dtype=torch.int32, device=x.device)
+        else:
+            acc = torch.zeros(B * N, dtype=torch.float32, device=x.device)
+            counts = torch.zeros(grid_n, dtype=torch.int32, device=x.device)
     use_dot = B > 1 or bool(config.use_dot)  # the FMA path handles one row only
+    common = dict(
+        HAS_THRESHOLDS=thresholds is not None,
+        USE_DOT=use_dot,
+        X_ROWS=_next_pow2(B),
+        B_PAD=16 if use_dot else 1,
+        DOT_FP32=x.dtype == torch.float32 or _interpreting(),
+        SINGLE_SPLIT=single_split,
+        BLOCK_K=config.block_k,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+    )
+    if config.compact:
+        rows = steps * config.block_k
+        wrap_triton(_sparse_gemv_compact_kernel)[(grid_n, grid_k)](
+            x, w_t, thresholds if thresholds is not None else x, y, acc, counts, idx,
+            B, K, N, x.stride(0),
+            ROWS=rows,
+            CHUNK=min(512, _next_pow2(rows)),
+            STATIC_LOOP=_interpreting(),
+            **common,
+        )
+        return y
     wrap_triton(_sparse_gemv_kernel)[(grid_n, grid_k)](
         x,
         w_t,
@@ -431,17 +626,9 @@ def _launch(
         K,
         N,
         x.stride(0),
-        HAS_THRESHOLDS=thresholds is not None,
-        USE_DOT=use_dot,
-        X_ROWS=_next_pow2(B),
-        B_PAD=16 if use_dot else 1,
-        DOT_FP32=x.dtype == torch.float32 or _interpreting(),
-        SINGLE_SPLIT=single_split,
-        BLOCK_K=config.block_k,
-        BLOCK_N=config.block_n,
         STEPS=steps,
         NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps,
+        **common,
     )
     return y
 
