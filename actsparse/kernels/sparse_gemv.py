@@ -431,15 +431,19 @@ def pick_config(K: int, N: int, B: int) -> GemvConfig:
     table: one rule for every shape (or the configs given to set_tuned_configs).
 
     Both batch regimes use the compacting variant (kept rows listed first, then full tiles of
-    them): B == 1 with 32x128 tiles and ~6 programs per SM, B > 1 with tl.dot on 32x256 tiles
-    and ~4 programs per SM (H100 sweeps, docs/notes/sparse_gemv.md).
+    them), as picked by the H100 sweep of 13 + 6 configs (docs/notes/sparse_gemv.md):
+    B == 1: 64x128 tiles, 4 warps, ~4 programs per SM; very wide outputs (N >= 16384, e.g. a
+    fused gate/up) 32x256 tiles, 8 % faster there. B > 1: tl.dot on 64x256 tiles, 8 warps,
+    ~2 programs per SM.
     """
     tuned = _TUNED.get("b1" if B == 1 else "batched")
     if tuned is not None:
         return _clamped(tuned, K, N)
     if B == 1:
-        return _clamped(GemvConfig(32, 128, num_stages=1, num_warps=4, programs_per_sm=6, compact=True), K, N)
-    return _clamped(GemvConfig(32, 256, num_stages=1, num_warps=4, programs_per_sm=4, compact=True), K, N)
+        if N >= 16384:
+            return _clamped(GemvConfig(32, 256, num_warps=4, programs_per_sm=4, compact=True), K, N)
+        return _clamped(GemvConfig(64, 128, num_warps=4, programs_per_sm=4, compact=True), K, N)
+    return _clamped(GemvConfig(64, 256, num_warps=8, programs_per_sm=2, compact=True), K, N)
 
 
 def _sm_count(device: torch.device) -> int:
