@@ -2,15 +2,21 @@
 (eager, compiled blocks, CUDA graph, both) against the eager pure-PyTorch reference with the same
 thresholds, on a random bf16 model large enough to use split-K and every kernel path.
 
-Run on a GPU with ``python -m pytest tests/test_engine_gpu.py -q -s`` (prints each error).
+Run on a GPU with ``TRITON_INTERPRET=0 python -m pytest tests/test_engine_gpu.py -q -s`` (the
+test conftest turns the Triton interpreter on unless told otherwise; -s prints each error).
 """
+
+import os
 
 import pytest
 import torch
 
 from actsparse.engine import Generator, ModelArgs, random_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU and compiled Triton kernels (TRITON_INTERPRET=0)",
+)
 
 ARGS = dict(vocab_size=4096, dim=1024, n_layer=4, n_head=16, n_kv_head=4, intermediate_size=2816)
 T = 48
