@@ -182,15 +182,21 @@ def gate_sparse(gen, model, prompt, calib_prompt, gates, device) -> None:
             by_kind[key] = max(by_kind.get(key, 0.0), err)
             worst = max(worst, err)
     gates["sparse_gemv_every_linear_vs_reference"] = {"rel_err": worst, "limit": 1e-2, "worst_by_linear": by_kind}
+    # Whole decode step: the same generator (compiled glue, CUDA graph) with the reference linears.
+    # The glue must match: Inductor's fused glue rounds bf16 differently from eager glue, and the
+    # thresholds turn those 1-ulp differences into kept/dropped flips that grow layer by layer
+    # (on this random-weight model, compiled-vs-eager logits differ by ~50 %; see RESULTS.md).
     ours, _ = step_logits_graph(gen, prompt)
     backend = model.backend()
     model.set_backend_("torch")
     try:
-        ref = decode_step_logits(gen, prompt)
+        ref, _ = step_logits_graph(gen, prompt)
+        ref_eager_glue = decode_step_logits(gen, prompt)
     finally:
         model.set_backend_(backend)
     scale = gates.get("dense_graph_step_vs_hf_fp32", {}).get("hf_bf16_rel_err", 1e-2)
-    gates["sparse_graph_step_vs_reference"] = {"rel_err": rel_err(ours, ref), "limit": max(3 * scale, 2e-2)}
+    gates["sparse_graph_step_vs_reference"] = {"rel_err": rel_err(ours, ref), "limit": max(3 * scale, 2e-2),
+                                               "info_vs_eager_glue": rel_err(ours, ref_eager_glue)}
 
 
 @torch.no_grad()
@@ -421,7 +427,8 @@ def main(argv=None) -> dict:
                     measured = gen.measure_sparsity(tokens, start=T)
                     if s == args.batch_sparsity:
                         agree = teacher_forced_agreement(lambda x: engine_prefill_logits(gen, x), tokens, T)
-                        result["sparse_tokens_vs_reference_argmax"] = agree  # bf16 near-ties flip a few
+                        # informational: the prefill reference runs eager glue and a masked matmul
+                        result["sparse_tokens_vs_eager_prefill_argmax"] = agree
                     sparse_by_s[s] = {"tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail,
                                       "achieved": measured, "bound_tok_s": copy_bw / (
                                           block_bytes * (1 - measured["rows_skipped"]) + head_bytes)}

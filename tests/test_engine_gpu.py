@@ -55,16 +55,21 @@ def sparse_model():
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("compile,cuda_graph", [(False, False), (False, True), (True, False), (True, True)])
 def test_sparse_decode_modes_match_reference(sparse_model, B, compile, cuda_graph):
+    """Triton linears vs the torch reference linears in the same decode mode. The glue (norms,
+    RoPE, attention) must be the same code on both sides: Inductor's fused glue rounds bf16
+    differently from eager glue, and thresholds turn 1-ulp input changes into kept/dropped flips
+    that grow layer by layer, so compiled-vs-eager logits differ by far more than any kernel error."""
     model = sparse_model
     gen_prompt = torch.Generator(device="cuda").manual_seed(B)
     prompt = torch.randint(0, ARGS["vocab_size"], (B, T), device="cuda", generator=gen_prompt)
-    model.set_backend_("torch")
-    ref = eager_step_logits(model, prompt)
+    logits = {}
+    for backend in ("torch", "triton"):
+        model.set_backend_(backend)
+        if not compile and not cuda_graph:
+            logits[backend] = eager_step_logits(model, prompt)
+        else:
+            logits[backend] = generator_step_logits(model, prompt, compile, cuda_graph)
     model.set_backend_("triton")
-    if not compile and not cuda_graph:
-        ours = eager_step_logits(model, prompt)
-    else:
-        ours = generator_step_logits(model, prompt, compile, cuda_graph)
-    err = rel_err(ours, ref)
+    err = rel_err(logits["triton"], logits["torch"])
     print(f"B={B} compile={compile} graph={cuda_graph}: rel err {err:.2e}")
     assert err < 2e-2, (B, compile, cuda_graph, err)
