@@ -53,23 +53,51 @@ def sparse_model():
 
 
 @pytest.mark.parametrize("B", [1, 3])
-@pytest.mark.parametrize("compile,cuda_graph", [(False, False), (False, True), (True, False), (True, True)])
-def test_sparse_decode_modes_match_reference(sparse_model, B, compile, cuda_graph):
-    """Triton linears vs the torch reference linears in the same decode mode. The glue (norms,
-    RoPE, attention) must be the same code on both sides: Inductor's fused glue rounds bf16
-    differently from eager glue, and thresholds turn 1-ulp input changes into kept/dropped flips
-    that grow layer by layer, so compiled-vs-eager logits differ by far more than any kernel error."""
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_sparse_decode_matches_reference(sparse_model, B, cuda_graph):
+    """Eager glue, with and without a CUDA graph: Triton linears vs reference linears, whole step."""
     model = sparse_model
-    gen_prompt = torch.Generator(device="cuda").manual_seed(B)
-    prompt = torch.randint(0, ARGS["vocab_size"], (B, T), device="cuda", generator=gen_prompt)
+    prompt = torch.randint(0, ARGS["vocab_size"], (B, T), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(B))
     logits = {}
     for backend in ("torch", "triton"):
         model.set_backend_(backend)
-        if not compile and not cuda_graph:
+        if not cuda_graph:
             logits[backend] = eager_step_logits(model, prompt)
         else:
-            logits[backend] = generator_step_logits(model, prompt, compile, cuda_graph)
+            logits[backend] = generator_step_logits(model, prompt, compile=False, cuda_graph=True)
     model.set_backend_("triton")
     err = rel_err(logits["triton"], logits["torch"])
-    print(f"B={B} compile={compile} graph={cuda_graph}: rel err {err:.2e}")
-    assert err < 2e-2, (B, compile, cuda_graph, err)
+    print(f"B={B} graph={cuda_graph}: logits rel err {err:.2e}")
+    assert err < 1e-2, (B, cuda_graph, err)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_sparse_linears_inside_compiled_decode(sparse_model, B):
+    """Compiled glue: every sparse linear's output equals the reference on the input it received.
+
+    Whole-step logits are not compared here: Inductor's fused glue rounds bf16 differently from
+    eager glue, and the thresholds turn those 1-ulp differences into kept/dropped flips that grow
+    layer by layer, so two correct runs disagree by far more than any kernel error (printed)."""
+    from actsparse.kernels.sparse_gemv import sparse_gemv_reference
+
+    model = sparse_model
+    prompt = torch.randint(0, ARGS["vocab_size"], (B, T), device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(10 + B))
+    linears = [lin for _, lin, _ in model.block_linears()]
+    for lin in linears:
+        lin.record_io = []
+    try:
+        ours = generator_step_logits(model, prompt, compile=True, cuda_graph=False)
+        calls = [(lin, x, y) for lin in linears for x, y in lin.record_io if x.shape[0] == B]
+    finally:
+        for lin in linears:
+            lin.record_io = None
+    assert len(calls) >= len(linears)  # every linear ran at least one decode step
+    worst = max(rel_err(y, sparse_gemv_reference(x, lin.weight_t, lin.thresholds)) for lin, x, y in calls)
+    model.set_backend_("torch")
+    ref_eager_glue = eager_step_logits(model, prompt)
+    model.set_backend_("triton")
+    print(f"B={B}: {len(calls)} compiled-decode linear calls, worst rel err {worst:.2e}; "
+          f"logits vs eager glue {rel_err(ours, ref_eager_glue):.2e} (not a kernel error)")
+    assert worst < 1e-2

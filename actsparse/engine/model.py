@@ -215,6 +215,7 @@ class Linear(nn.Module):
         self.prefill_dense = False  # sparse mode: keep multi-token (prompt) inputs dense
         self.keeps_all = True  # sparse mode: every threshold <= 0, so cuBLAS computes the same sum
         self.record: list | None = None  # calibration/statistics: inputs are appended here when set
+        self.record_io: list | None = None  # checks: (x [M, K], y [M, N]) of each sparse call when set
 
     @property
     def sparse(self) -> bool:
@@ -257,6 +258,9 @@ class Linear(nn.Module):
             # Traced when compiled: Inductor calls cuBLAS, or (with coordinate-descent tuning)
             # turns the M=1 product into a tuned Triton GEMV.
             return F.linear(x, self.weight, self.bias)
+        if self.keeps_all and self.record_io is None:
+            # Nothing to skip (every threshold <= 0): the dense product, traced like the dense path.
+            return F.linear(x, self.weight_t.t(), self.bias)
         return self._sparse_forward(x)
 
     # Sparse linears run eagerly even inside compiled blocks: the sparse_gemv launcher is one
@@ -275,6 +279,8 @@ class Linear(nn.Module):
             y = (x2 * (x2.abs() > self.thresholds).to(x2.dtype)) @ self.weight_t
         if self.bias is not None:
             y = y + self.bias
+        if self.record_io is not None:
+            self.record_io.append((x2.detach().clone(), y.detach().clone()))
         return y.view(*x.shape[:-1], self.out_features)
 
 
