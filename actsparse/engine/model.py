@@ -258,9 +258,6 @@ class Linear(nn.Module):
             # Traced when compiled: Inductor calls cuBLAS, or (with coordinate-descent tuning)
             # turns the M=1 product into a tuned Triton GEMV.
             return F.linear(x, self.weight, self.bias)
-        if self.keeps_all and self.record_io is None:
-            # Nothing to skip (every threshold <= 0): the dense product, traced like the dense path.
-            return F.linear(x, self.weight_t.t(), self.bias)
         return self._sparse_forward(x)
 
     # Sparse linears run eagerly even inside compiled blocks: the sparse_gemv launcher is one
