@@ -111,13 +111,20 @@ def test_sparsity_zero_reproduces_dense(hf_and_engine):
     dense = engine_logits(engine, ids)
     engine.sparsify_(None, backend="torch")
     assert rel_err(engine_logits(engine, ids), dense) < 1e-6
-    # all-zero thresholds skip nothing: each linear takes the dense product (cuBLAS on a GPU) ...
-    assert all(lin.keeps_all for _, lin, _ in engine.block_linears())
+    # all-zero thresholds skip nothing: each linear keeps the [N, K] weight and the dense path ...
+    assert all(lin.keeps_all and lin.weight_t is None for _, lin, _ in engine.block_linears())
     key = engine.sparse_key()
-    # ... and one positive threshold switches that linear back to the sparse path (new graph key)
+    # ... and positive thresholds re-lay it as [K, N] for the sparse path (new graph key); back
+    # to zero restores the same weight values, and a new key again (the tensors were replaced)
     _, lin, _ = next(iter(engine.block_linears()))
+    w = lin.weight.detach().clone()
     lin.set_thresholds_(torch.full((lin.in_features,), 0.5))
-    assert not lin.keeps_all and engine.sparse_key() != key
+    assert not lin.keeps_all and lin.weight is None and torch.equal(lin.weight_t, w.t())
+    key_sparse = engine.sparse_key()
+    assert key_sparse != key
+    lin.set_thresholds_(None)
+    assert lin.keeps_all and torch.equal(lin.weight, w) and engine.sparse_key() not in (key, key_sparse)
+    assert rel_err(engine_logits(engine, ids), dense) < 1e-6
 
 
 def test_triton_backend_matches_reference(tmp_path):

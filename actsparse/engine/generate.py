@@ -286,7 +286,7 @@ class Generator:
             keep = x.abs().float() > lin.thresholds  # [B, T', K]
             frac_zero = 1.0 - keep.float().mean().item()
             frac_rows = 1.0 - keep.any(dim=0).float().mean().item()
-            nbytes = lin.weight_t.numel() * lin.weight_t.element_size()
+            nbytes = lin.weight_bytes
             per_site.setdefault(name.rsplit(".", 1)[-1], []).append(frac_zero)
             zeroed += frac_zero * nbytes
             rows += frac_rows * nbytes

@@ -20,6 +20,7 @@ dense matmul, so prefill and decode compute the same function. ``lm_head`` alway
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -196,12 +197,17 @@ class KVCache(nn.Module):
         return k_cache, v_cache
 
 
+_LAYOUT_EPOCHS = itertools.count(1)  # a fresh number for every weight re-layout (see sparse_key)
+
+
 class Linear(nn.Module):
     """``y = x W^T + b``: dense (cuBLAS) or, after :meth:`sparsify_`, activation-sparse.
 
     Dense: ``weight`` [N, K] (the Hugging Face layout), ``F.linear``.
     Sparse: ``weight_t`` [K, N] and a ``thresholds`` [K] fp32 buffer; ``x_k`` is kept iff
     ``|x_k| > thresholds[k]``, and a dropped input skips the weight row ``weight_t[k]``.
+    A sparse linear whose thresholds are all <= 0 skips nothing (``keeps_all``): it keeps the
+    [N, K] ``weight`` and runs exactly the dense path; new thresholds switch the layout back.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
@@ -209,11 +215,12 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.register_parameter("weight_t", None)  # [K, N] in sparse mode
+        self.register_parameter("weight_t", None)  # [K, N] in sparse mode (unless keeps_all)
         self.register_buffer("thresholds", None)  # [K] fp32 in sparse mode
         self.backend = "dense"
         self.prefill_dense = False  # sparse mode: keep multi-token (prompt) inputs dense
-        self.keeps_all = True  # sparse mode: every threshold <= 0, so cuBLAS computes the same sum
+        self.keeps_all = True  # sparse mode: every threshold <= 0 (dense layout, dense path)
+        self.layout_epoch = 0  # changes whenever the weight tensor is replaced by a re-layout
         self.record: list | None = None  # calibration/statistics: inputs are appended here when set
         self.record_io: list | None = None  # checks: (x [M, K], y [M, N]) of each sparse call when set
 
@@ -221,44 +228,67 @@ class Linear(nn.Module):
     def sparse(self) -> bool:
         return self.backend != "dense"
 
+    @property
+    def weight_bytes(self) -> int:
+        w = self.weight if self.weight is not None else self.weight_t
+        return w.numel() * w.element_size()
+
     @torch.no_grad()
     def sparsify_(self, thresholds: torch.Tensor, backend: str) -> None:
-        """Switch to sparse mode: store the weight as [K, N] and keep ``thresholds`` [K] in a buffer."""
+        """Switch to sparse mode and keep ``thresholds`` [K] in a buffer (weight re-laid as [K, N]
+        unless every threshold is <= 0)."""
         if backend not in ("torch", "triton"):
             raise ActsparseError(f"unknown sparse backend '{backend}' (choose torch or triton)")
         if not self.sparse:
-            weight_t = self.weight.detach().t().contiguous()  # [K, N]
-            self.weight = None  # free the [N, K] copy before the next layer transposes
-            self.weight_t = nn.Parameter(weight_t, requires_grad=False)
-            self.thresholds = torch.zeros(self.in_features, dtype=torch.float32, device=weight_t.device)
-        self.set_thresholds_(thresholds)
+            w = self.weight if self.weight is not None else self.weight_t
+            self.thresholds = torch.zeros(self.in_features, dtype=torch.float32, device=w.device)
         self.backend = backend
+        self.set_thresholds_(thresholds)
 
     @torch.no_grad()
     def set_thresholds_(self, thresholds: torch.Tensor | None) -> None:
-        """Copy new thresholds in place (a captured CUDA graph keeps working with the new values)."""
+        """Copy new thresholds in place (a captured CUDA graph keeps working with the new values,
+        unless the weight layout changes between all-zero and positive thresholds: then
+        ``Transformer.sparse_key`` changes and the generator captures a new graph)."""
         if thresholds is None:
             self.thresholds.zero_()
-            self.keeps_all = True
-            return
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
-        if thresholds.ndim == 0:
-            thresholds = thresholds.expand(self.in_features)
-        if thresholds.shape != (self.in_features,):
-            raise ActsparseError(f"thresholds have shape {tuple(thresholds.shape)}, expected ({self.in_features},)")
-        self.thresholds.copy_(thresholds)
-        # All thresholds <= 0 keep every nonzero input: the dense product is the same sum, and
-        # cuBLAS reads the [K, N] weight faster than the sparse kernel when nothing is skipped.
+        else:
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+            if thresholds.ndim == 0:
+                thresholds = thresholds.expand(self.in_features)
+            if thresholds.shape != (self.in_features,):
+                raise ActsparseError(f"thresholds have shape {tuple(thresholds.shape)}, expected ({self.in_features},)")
+            self.thresholds.copy_(thresholds)
+        # All thresholds <= 0 keep every nonzero input: the dense product is the same sum, and the
+        # dense path (cuBLAS or Inductor's tuned GEMV on the [N, K] weight) is the fastest way to it.
         self.keeps_all = bool((self.thresholds <= 0).all())
+        self._relayout_(transposed=not self.keeps_all)
+
+    def _relayout_(self, transposed: bool) -> None:
+        """Hold the weight as [K, N] (``weight_t``, sparse kernels) or [N, K] (``weight``)."""
+        if transposed and self.weight_t is None:
+            w_t = self.weight.detach().t().contiguous()
+            self.weight = None  # free the old copy before the next linear re-lays its own
+            self.weight_t = nn.Parameter(w_t, requires_grad=False)
+        elif not transposed and self.weight is None:
+            w = self.weight_t.detach().t().contiguous()
+            self.weight_t = None
+            self.weight = nn.Parameter(w, requires_grad=False)
+        else:
+            return
+        self.layout_epoch = next(_LAYOUT_EPOCHS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, K] -> [B, T, N]
         if self.record is not None:
             self.record.append(x.detach())
-        if not self.sparse:
+        if not self.sparse or (self.keeps_all and self.record_io is None):
             # Traced when compiled: Inductor calls cuBLAS, or (with coordinate-descent tuning)
             # turns the M=1 product into a tuned Triton GEMV.
             return F.linear(x, self.weight, self.bias)
         return self._sparse_forward(x)
+
+    def _dense_product(self, x2: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N], no bias
+        return x2 @ self.weight_t if self.weight_t is not None else F.linear(x2, self.weight)
 
     # Sparse linears run eagerly even inside compiled blocks: the sparse_gemv launcher is one
     # kernel on its persistent, self-zeroing workspace, while a traced call would allocate and
@@ -267,7 +297,7 @@ class Linear(nn.Module):
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if (self.prefill_dense and x.dim() == 3 and x.shape[1] > 1) or self.keeps_all:
-            y = x2 @ self.weight_t
+            y = self._dense_product(x2)
         elif self.backend == "triton" and x2.shape[0] <= MAX_GEMV_ROWS:
             y = _sparse_gemv()(x2, self.weight_t, self.thresholds)  # [M, N]
         elif self.backend == "torch" and x2.shape[0] <= MAX_GEMV_ROWS:
@@ -491,7 +521,8 @@ class Transformer(nn.Module):
     def sparse_key(self) -> tuple:
         """What a captured decode graph depends on besides buffer contents."""
         lin = self.layers[0].attention.wqkv
-        return (lin.backend, lin.prefill_dense, tuple(l.keeps_all for _, l, _ in self.block_linears()))
+        return (lin.backend, lin.prefill_dense,
+                tuple((l.keeps_all, l.layout_epoch) for _, l, _ in self.block_linears()))
 
     @property
     def prefill_dense(self) -> bool:
