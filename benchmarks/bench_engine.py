@@ -145,23 +145,25 @@ def step_logits_graph(gen: Generator, prompt: torch.Tensor) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def gate_dense_vs_hf(gen, model, prompt, tokens, gates, result, args, device) -> None:
+def gate_dense_vs_hf(gen, model, prompt, tokens, gates, result, args, device, name="", time_hf=True) -> None:
     """Dense engine (graph decode step, bf16) vs Hugging Face in fp32 on the same weights, with
-    Hugging Face's own bf16 error as the scale; then HF generate's speed (the baseline)."""
+    Hugging Face's own bf16 error as the scale; then (time_hf) HF generate's speed, the baseline."""
     ours, seq = step_logits_graph(gen, prompt)  # seq: prompt + 2 new tokens
     seq = seq[:, : prompt.shape[1] + 1]  # the decode step saw prompt + first token
     hf = hf_model_from_engine(model)
     ref_bf16 = hf(seq).logits[:, -1].float()
-    result["dense_tokens_vs_hf_argmax"] = teacher_forced_agreement(lambda x: hf(x).logits, tokens, prompt.shape[1])
-    result["hf_generate_tok_s"] = hf_generate_rate(hf, prompt, args.new_tokens, device)
-    log(f"HF generate B=1: {result['hf_generate_tok_s']:.1f} tok/s")
+    agree = teacher_forced_agreement(lambda x: hf(x).logits, tokens, prompt.shape[1])
+    result["dense_tokens_vs_hf_argmax" + name] = agree
+    if time_hf:
+        result["hf_generate_tok_s"] = hf_generate_rate(hf, prompt, args.new_tokens, device)
+        log(f"HF generate B=1: {result['hf_generate_tok_s']:.1f} tok/s")
     hf = hf.float()  # new fp32 parameters; the engine's bf16 weights are untouched
     ref32 = hf(seq).logits[:, -1].float()
     del hf
     gc.collect()
     err_hf = rel_err(ref_bf16, ref32)
-    gates["dense_graph_step_vs_hf_fp32"] = {"rel_err": rel_err(ours, ref32), "hf_bf16_rel_err": err_hf,
-                                            "limit": 1.5 * err_hf + 1e-3}
+    gates["dense_graph_step_vs_hf_fp32" + name] = {"rel_err": rel_err(ours, ref32), "hf_bf16_rel_err": err_hf,
+                                                   "limit": 1.5 * err_hf + 1e-3}
     result["bf16_error_scale"] = err_hf
 
 
@@ -305,6 +307,8 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--time-budget", type=float, default=480.0, help="skip remaining batches after this (s)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--attention", default="reductions,matmul",
+                   help="decode-attention modes to time at B=1 (the fastest is used afterwards)")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)
@@ -312,6 +316,7 @@ def main(argv=None) -> dict:
     on_cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    attentions = [a for a in args.attention.split(",") if a]
     batches = [int(b) for b in args.batches.split(",")]
     if 1 not in batches:
         batches.insert(0, 1)
@@ -370,12 +375,18 @@ def main(argv=None) -> dict:
     # ---------------------------------------------------------------- dense engine + HF baseline
     # B=1 twice: dense products by cuBLAS, and by Inductor's tuned Triton GEMV; the faster one is
     # "dense" below. B>1 products are cuBLAS in both (Inductor only rewrites one-row matmuls).
+    # Each decode-attention mode (--attention) is timed with Inductor's GEMVs at B=1; the fastest
+    # (gemv, attention) pair is "dense" and is used for every later run.
     dense_rate, dense_detail, dense_variants = {}, {}, {}
-    gemv_best = "inductor"
-    for b, gemv in [(1, "cublas"), (1, "inductor")] + [(b, "inductor") for b in batches if b != 1]:
+    gemv_best, attn_best = "inductor", attentions[0]
+    runs = [(1, "cublas", attentions[0])] + [(1, "inductor", a) for a in attentions]
+    for b, gemv, attn in runs + [(b, None, None) for b in batches if b != 1]:
+        if gemv is None:
+            gemv, attn = gemv_best, attn_best
         if b != 1 and over_budget():
             log(f"time budget spent: dense B={b} skipped")
             continue
+        model.set_decode_attention_(attn)
         gen = Generator(model, batch_size=b, max_seq_len=max_seq, gemv=gemv)
         if b == 1 and gemv == "cublas":
             thresholds_by_s = gen.calibrate(calib, sparsities)
@@ -385,20 +396,23 @@ def main(argv=None) -> dict:
             record_error(f"dense B={b} gemv={gemv}")
             del gen
             continue
-        log(f"dense  B={b} gemv={gemv}: {rate:7.1f} tok/s per sequence ({detail})")
+        log(f"dense  B={b} gemv={gemv} attention={attn}: {rate:7.1f} tok/s per sequence ({detail})")
         if b == 1:
-            dense_variants[gemv] = {"tok_s": rate, "pct_of_bound": 100 * rate / bound, **detail}
+            name = gemv if attn == "reductions" else f"{gemv}+{attn}"
+            dense_variants[name] = {"tok_s": rate, "pct_of_bound": 100 * rate / bound, **detail}
             try:
-                dense_variants[gemv]["step_profile"] = profile_decode_step(gen, prompts[b], device)
+                dense_variants[name]["step_profile"] = profile_decode_step(gen, prompts[b], device)
             except Exception:
-                record_error(f"dense profile {gemv}")
+                record_error(f"dense profile {name}")
             if rate >= dense_rate.get(1, 0.0):
-                dense_rate[1], dense_detail[1], gemv_best = rate, detail, gemv
+                dense_rate[1], dense_detail[1], gemv_best, attn_best = rate, detail, gemv, attn
         else:
             dense_rate[b], dense_detail[b] = rate, detail
         if b == 1 and gemv == "inductor" and not args.skip_hf:
             try:
-                gate_dense_vs_hf(gen, model, prompts[b], tokens, gates, result, args, device)
+                suffix = "" if attn == "reductions" else f"_{attn}_attention"
+                gate_dense_vs_hf(gen, model, prompts[b], tokens, gates, result, args, device,
+                                 name=suffix, time_hf="hf_generate_tok_s" not in result)
                 log(f"gates so far: {json.dumps(gates, default=float)}")
             except Exception:
                 record_error("HF baseline / dense gate")
@@ -406,6 +420,9 @@ def main(argv=None) -> dict:
         gc.collect()
     result["dense_tok_s"] = dense_rate[1]
     result["dense_gemv"] = gemv_best
+    result["dense_attention"] = attn_best
+    model.set_decode_attention_(attn_best)
+    log(f"dense: gemv={gemv_best}, attention={attn_best}")
     result["dense_pct_of_bound"] = 100 * dense_rate[1] / bound
     result["dense_variants_b1"] = dense_variants
     result["dense_by_batch"] = {str(b): r for b, r in dense_rate.items()}

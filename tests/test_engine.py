@@ -286,3 +286,18 @@ def test_hf_view_of_engine_can_be_upcast_without_touching_the_engine():
     assert hf.model.norm.weight.dtype == torch.float32
     dtypes = {p.dtype for p in model.parameters()}
     assert dtypes == {torch.bfloat16}, dtypes
+
+
+def test_decode_attention_modes_match(hf_and_engine):
+    """The one-token attention as fused reductions or as two batched matmuls: same logits as HF."""
+    family, hf, engine = hf_and_engine
+    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + DECODE_STEPS))
+    ref = hf_logits(hf, ids)
+    for mode in ("matmul", "reductions"):
+        engine.set_decode_attention_(mode)
+        assert rel_err(engine_logits(engine, ids), ref) < 1e-5, (family, mode)
+    key = engine.sparse_key()
+    engine.set_decode_attention_("matmul")
+    assert engine.sparse_key() != key  # a captured graph is tied to the attention mode
+    with pytest.raises(ActsparseError):
+        engine.set_decode_attention_("flash")

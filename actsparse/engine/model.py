@@ -383,6 +383,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, args.q_size + 2 * args.kv_size, args.qkv_bias, device, dtype)
         self.wo = Linear(args.q_size, args.dim, args.o_bias, device, dtype)
         self.kv_cache: KVCache | None = None
+        self.decode_attention = "reductions"  # one-token attention: "reductions" or "matmul"
 
     def forward(self, x, cos, sin, mask, input_pos):
         # x: [B, T, dim]; cos, sin: [T, D]; mask: [T, S] bool (True = attend); input_pos: [T]
@@ -397,7 +398,9 @@ class Attention(nn.Module):
         # so each cached key/value is read once. Rows of q (and of the mask) follow (g, t).
         G = H // Hkv
         q = q.reshape(B, Hkv, G * T, D)
-        if T == 1:
+        if T == 1 and self.decode_attention == "matmul":
+            y = _decode_attention_matmul(q, k, v, mask)  # [B, Hkv, G, D]
+        elif T == 1:
             y = _decode_attention(q, k, v, mask)  # [B, Hkv, G, D]
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(G, 1))  # [B, Hkv, G*T, D]
@@ -415,6 +418,15 @@ def _decode_attention(q, k, v, mask):
     scores = (q.to(acc).unsqueeze(-2) * k.to(acc).unsqueeze(-3)).sum(-1) * (1.0 / math.sqrt(q.shape[-1]))  # [B, Hkv, G, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return (probs.unsqueeze(-1) * v.to(acc).unsqueeze(-3)).sum(-2).to(q.dtype)  # [B, Hkv, G, D]
+
+
+def _decode_attention_matmul(q, k, v, mask):
+    """One query position as two batched matmuls in the model dtype (fp32 accumulation inside the
+    GEMM, as Hugging Face's eager attention does) with an fp32 softmax in between."""
+    # q: [B, Hkv, G, D]; k, v: [B, Hkv, S, D]; mask: [1, S]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))  # [B, Hkv, G, S]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)  # [B, Hkv, G, D]
 
 
 _ACTIVATIONS = {
@@ -521,7 +533,7 @@ class Transformer(nn.Module):
     def sparse_key(self) -> tuple:
         """What a captured decode graph depends on besides buffer contents."""
         lin = self.layers[0].attention.wqkv
-        return (lin.backend, lin.prefill_dense,
+        return (lin.backend, lin.prefill_dense, self.layers[0].attention.decode_attention,
                 tuple((l.keeps_all, l.layout_epoch) for _, l, _ in self.block_linears()))
 
     @property
@@ -532,6 +544,15 @@ class Transformer(nn.Module):
     def prefill_dense(self, value: bool) -> None:
         for _, lin, _ in self.block_linears():
             lin.prefill_dense = bool(value)
+
+    def set_decode_attention_(self, mode: str) -> "Transformer":
+        """How a one-token step attends: "reductions" (elementwise products and sums that Inductor
+        fuses) or "matmul" (two batched GEMMs); both are exact up to rounding."""
+        if mode not in ("reductions", "matmul"):
+            raise ActsparseError(f"decode attention must be 'reductions' or 'matmul', got '{mode}'")
+        for layer in self.layers:
+            layer.attention.decode_attention = mode
+        return self
 
     def set_backend_(self, backend: str) -> None:
         """Switch a sparse model between the "torch" reference path and the "triton" kernels."""
