@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--time-budget", type=float, default=480.0, help="skip remaining batches after this (s)")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--attention", default="reductions,matmul",
+    p.add_argument("--attention", default="matmul,reductions",
                    help="decode-attention modes to time at B=1 (the fastest is used afterwards)")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")

@@ -383,7 +383,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, args.q_size + 2 * args.kv_size, args.qkv_bias, device, dtype)
         self.wo = Linear(args.q_size, args.dim, args.o_bias, device, dtype)
         self.kv_cache: KVCache | None = None
-        self.decode_attention = "reductions"  # one-token attention: "reductions" or "matmul"
+        self.decode_attention = "matmul"  # one-token attention: "matmul" (two GEMMs) or "reductions"
 
     def forward(self, x, cos, sin, mask, input_pos):
         # x: [B, T, dim]; cos, sin: [T, D]; mask: [T, S] bool (True = attend); input_pos: [T]
