@@ -8,14 +8,14 @@ nothing, so the kernel does not load it. Time then falls with the fraction of ro
 Three layers (one file stem shared with ``tests/test_sparse_gemv.py`` and
 ``benchmarks/bench_sparse_gemv.py``):
 
-- ``_sparse_gemv_kernel``: the Triton kernel. Split-K over a grid of (column tile, K range)
-  programs, a few per SM in total, each streaming its K range in ``BLOCK_K``-row steps. The
-  threshold test is fused: a step compares its slice of x with the thresholds and issues masked
-  row loads, so an inactive row costs no memory traffic. Two loop variants (``num_stages``):
-  1 = plain register loads with x prefetched one step ahead and no shared memory or barriers in
-  the loop (the default: its per-step cost is one memory round trip, so time falls with
-  sparsity); > 1 = a cp.async pipeline fed by a row mask computed up front (closer to the copy
-  ceiling when dense, but a fixed on-chip cost per step that sparsity does not remove).
+- The Triton kernels. Split-K over a grid of (column tile, K range) programs, about one wave in
+  total. ``_sparse_gemv_compact_kernel`` (the default, ``GemvConfig(compact=True)``): each program
+  first lists the kept rows of its K range (threshold test fused, prefix sum, row indices stored to
+  a scratch slice of the workspace), then streams only those rows in full ``BLOCK_K``-row tiles,
+  so the bytes in flight per step do not shrink with sparsity. ``_sparse_gemv_kernel`` keeps the
+  earlier designs for comparison in the benchmark sweeps: masked row loads over every step of the
+  range, with a register loop (``num_stages=1``) or a cp.async pipeline (``num_stages>1``); both
+  lose to the compacting kernel at s >= 0.5 (docs/notes/sparse_gemv.md).
   Partial sums meet in an fp32 workspace through atomics; the last program to finish a column
   tile (an arrival counter per tile) casts the sum into ``y`` and zeroes the workspace and its
   counter again. One launch: no memset, no cast kernel.
