@@ -105,11 +105,10 @@ def test_matches_reference(K, N, B, s, dtype):
         GemvConfig(32, 128, num_warps=2, compact=True),
         GemvConfig(32, 64, use_dot=True, compact=True),
         GemvConfig(512, 256, compact=True),
-        GemvConfig(16, 64, programs_per_sm=8, compact=True, unroll=2),
     ],
     ids=["pipelined-many-splits", "register-2warps", "pipelined", "register-dot-b1", "pipelined-dot-b1",
          "register-single-split", "pipelined-single-split", "compact-many-splits", "compact-2warps",
-         "compact-dot-b1", "compact-single-split", "compact-unroll2"],
+         "compact-dot-b1", "compact-single-split"],
 )
 @pytest.mark.parametrize("B", [1, 4])
 def test_configs(config, B):

@@ -269,26 +269,6 @@ def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb
     return acc, idx_next
 
 
-@triton.jit
-def _compact_tile_pair(t, cnt, idx_a, idx_b, acc, scratch, x_ptr, w_ptr, N, offs_j, offs_n, n_mask,
-                       BLOCK_K: tl.constexpr):
-    """Two tiles of kept rows (FMA path): both tiles' weight loads go out before any FMA, so a
-    program keeps twice the bytes in flight with one tile-sized accumulator."""
-    ja = t + offs_j
-    jb = t + BLOCK_K + offs_j
-    ma = ja < cnt
-    mb = jb < cnt
-    na = t + 2 * BLOCK_K + offs_j
-    nb = t + 3 * BLOCK_K + offs_j
-    idx_na = tl.load(scratch + na, mask=na < cnt, other=0)
-    idx_nb = tl.load(scratch + nb, mask=nb < cnt, other=0)
-    w_a = tl.load(w_ptr + idx_a.to(tl.int64)[:, None] * N + offs_n[None, :], mask=ma[:, None] & n_mask[None, :], other=0.0)
-    w_b = tl.load(w_ptr + idx_b.to(tl.int64)[:, None] * N + offs_n[None, :], mask=mb[:, None] & n_mask[None, :], other=0.0)
-    x_a = tl.load(x_ptr + idx_a, mask=ma, other=0.0).to(tl.float32)
-    x_b = tl.load(x_ptr + idx_b, mask=mb, other=0.0).to(tl.float32)
-    acc += x_a[:, None] * w_a.to(tl.float32) + x_b[:, None] * w_b.to(tl.float32)
-    return acc, idx_na, idx_nb
-
 
 @triton.jit
 def _sparse_gemv_compact_kernel(
@@ -314,7 +294,6 @@ def _sparse_gemv_compact_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,  # power of two: rows scanned per step of the compaction pass
     STATIC_LOOP: tl.constexpr,  # loop over all ROWS instead of the kept count (CPU interpreter)
-    UNROLL: tl.constexpr,  # 2: (FMA path) two tiles per iteration, their loads issued together
 ):
     """Compacting variant: each program first lists the kept rows of its K range (threshold test,
     prefix sum, indices stored to a scratch slice), then streams only those rows in full
@@ -361,17 +340,7 @@ def _sparse_gemv_compact_kernel(
         acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # per-row partials, summed at the end
-    if UNROLL == 2:
-        idx_next_b = tl.load(scratch + BLOCK_K + offs_j, mask=(BLOCK_K + offs_j) < cnt, other=0)
-        if STATIC_LOOP:
-            for t in range(0, ROWS, 2 * BLOCK_K):
-                acc, idx_next, idx_next_b = _compact_tile_pair(
-                    t, cnt, idx_next, idx_next_b, acc, scratch, x_ptr, w_ptr, N, offs_j, offs_n, n_mask, BLOCK_K)
-        else:
-            for t in range(0, cnt, 2 * BLOCK_K):
-                acc, idx_next, idx_next_b = _compact_tile_pair(
-                    t, cnt, idx_next, idx_next_b, acc, scratch, x_ptr, w_ptr, N, offs_j, offs_n, n_mask, BLOCK_K)
-    elif STATIC_LOOP:
+    if STATIC_LOOP:
         # The CPU interpreter (NumPy >= 2.4) cannot take a tensor as a loop bound: it runs every
         # possible tile; tiles past cnt are fully masked, so the result is the same.
         for t in range(0, ROWS, BLOCK_K):
@@ -402,7 +371,6 @@ class GemvConfig:
     max_steps: int = 64  # cap on STEPS (the pipelined variant keeps STEPS*BLOCK_K x values)
     use_dot: Optional[bool] = None  # tl.dot for B == 1 too if True; B > 1 always uses tl.dot
     compact: bool = False  # list the kept rows first, then stream full tiles of them
-    unroll: int = 1  # compacting variant, B == 1: tiles whose loads are issued together (1 or 2)
 
     def __post_init__(self):
         for name in ("block_k", "block_n", "max_steps"):
@@ -414,15 +382,13 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1 or self.programs_per_sm < 1:
             raise ValueError("GemvConfig.num_stages and programs_per_sm must be >= 1")
-        if self.unroll not in (1, 2) or (self.unroll == 2 and not self.compact):
-            raise ValueError("GemvConfig.unroll must be 1, or 2 with compact=True")
         if self.compact and self.num_stages != 1:
             raise ValueError("GemvConfig: the compacting variant has no cp.async pipeline (num_stages=1)")
 
     def __str__(self) -> str:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
         return (f"{'c-' if self.compact else ''}bk{self.block_k}-bn{self.block_n}-st{self.num_stages}"
-                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-u2' if self.unroll == 2 else ''}")
+                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}")
 
 
 def _next_pow2(n: int) -> int:
@@ -500,10 +466,9 @@ def split_k(K: int, grid_n: int, config: GemvConfig, sm_count: int) -> tuple[int
     """(programs along K, BLOCK_K steps per program): about programs_per_sm * sm_count programs
     in all, each owning a power-of-two number of steps.
 
-    Known weakness (measured, not yet fixed): round() can overshoot the resident capacity, e.g.
-    Llama-3 gate_up at B=1 gets 896 programs for ~792 slots, a partial second wave that costs
-    ~15% at s=0 (docs/notes/sparse_gemv.md). Flooring the target, and non-power-of-two steps for
-    the register variant (only the pipelined one needs them), is the next thing to measure.
+    The compacting variant takes any number of steps and floors the target, so one wave holds
+    every program. The older variants round the target and need power-of-two steps, which can
+    overshoot the resident capacity (Llama-3 gate_up at B=1: 896 programs for ~792 slots).
     """
     k_blocks = triton.cdiv(K, config.block_k)
     if config.compact:
@@ -654,7 +619,6 @@ def _launch(
             B, K, N, x.stride(0),
             ROWS=rows,
             CHUNK=min(512, _next_pow2(rows)),
-            UNROLL=config.unroll if not use_dot else 1,
             STATIC_LOOP=_interpreting(),
             **common,
         )
