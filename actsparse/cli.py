@@ -152,6 +152,9 @@ def relufy(
     lr: float = typer.Option(1e-4),
     l1_peak: float = typer.Option(32.0, help="peak progressive-L1 factor (0: off)"),
     distill: float = typer.Option(1.0, help="weight of KL distillation from the original model (0: off)"),
+    hidden_distill: float = typer.Option(0.0, help="weight of per-layer hidden-state distillation (0: off)"),
+    layerwise_steps: int = typer.Option(0, help="first fit each ReLU MLP to the original MLP for this many steps"),
+    layerwise_lr: float = typer.Option(3e-4, help="learning rate of the layer-wise MLP stage"),
     fat_tol: Optional[float] = typer.Option(0.01, help="FATReLU: largest T with held-out ppl within this fraction"),
     fat_sparsity: Optional[float] = typer.Option(None, help="FATReLU: T for this held-out sparsity instead"),
     relu_after_norm: bool = typer.Option(False, help="also ReLU after the norms (sparse q/k/v, gate/up inputs)"),
@@ -160,15 +163,15 @@ def relufy(
     device: Optional[str] = typer.Option(None, help="cuda (default when available) or cpu"),
 ):
     """Relufy (ReLU/FATReLU) and fine-tune with ProSparse's progressive L1, then pick a FATReLU threshold."""
-    from .relu import FatThresholdConfig, L1Schedule, ReluConfig, TrainConfig, relufy_and_train
+    from .relu import FatThresholdConfig, L1Schedule, LayerwiseConfig, ReluConfig, TrainConfig, relufy_and_train
 
     import torch
 
     from .io import read_text
     from .models import load_model
 
-    if steps < 1 or batch_tokens < seq_len:
-        raise ActsparseError("need steps >= 1 and batch_tokens >= seq_len")
+    if steps < 1 or batch_tokens < seq_len or layerwise_steps < 0:
+        raise ActsparseError("need steps >= 1, layerwise_steps >= 0 and batch_tokens >= seq_len")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     body = read_text(text)
     mdl, tok = load_model(model, dtype="float32", device=device)
@@ -177,7 +180,12 @@ def relufy(
                         lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01,
                         l1=L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak],
                                            warmup_steps=steps // 5) if l1_peak > 0 else None,
-                        distill_alpha=distill, checkpoint_every=checkpoint_every, bf16=device.startswith("cuda"))
+                        distill_alpha=distill, hidden_distill=hidden_distill, checkpoint_every=checkpoint_every,
+                        bf16=device.startswith("cuda"))
+    layerwise = LayerwiseConfig(steps=layerwise_steps, seq_len=seq_len, batch_size=batch, lr=layerwise_lr,
+                                warmup_steps=min(max(1, layerwise_steps // 20), layerwise_steps - 1),
+                                bf16=device.startswith("cuda")) \
+        if layerwise_steps else None
     if fat_sparsity is not None:
         fat = FatThresholdConfig(max_ppl_increase=None, target_sparsity=fat_sparsity, context=seq_len)
     elif fat_tol is not None:
@@ -185,9 +193,10 @@ def relufy(
     else:
         fat = None
     res = relufy_and_train(mdl, tok, body, out, train=train, relu=ReluConfig(relu_after_norm=relu_after_norm),
-                           fat=fat, resume=resume)
+                           fat=fat, resume=resume, layerwise=layerwise)
     h = res.history
-    _emit({"model_dir": str(res.out_dir), "steps": len(h.step), "final_lm_loss": h.lm_loss[-1] if h.lm_loss else None,
+    _emit({"model_dir": str(res.out_dir), "steps": len(h.step),
+           "layerwise_rel_error": res.layerwise.rel_error[-1] if res.layerwise else None, "final_lm_loss": h.lm_loss[-1] if h.lm_loss else None,
            "final_train_sparsity": h.sparsity[-1] if h.sparsity else None,
            "fat_threshold": res.fat.threshold if res.fat else 0.0,
            "holdout_sparsity": res.fat.sparsity if res.fat else None,

@@ -38,6 +38,8 @@ from actsparse.relu import (
     L1Schedule,
     ReluConfig,
     TrainConfig,
+    LayerwiseConfig,
+    distill_mlps_,
     evaluate_relu,
     fat_thresholds,
     relufy_,
@@ -72,6 +74,12 @@ def parse_args(argv=None):
                    help="an extra L1 run distilled from the original model with this weight; 0 = none")
     p.add_argument("--relu-distill-alpha", type=float, default=0.0,
                    help="distillation weight of every ReLU run (L1 off and each L1 peak); 0 = plain LM loss")
+    p.add_argument("--hidden-distill", type=float, default=0.0,
+                   help="ReLU runs: weight of the per-layer hidden-state MSE to the original model")
+    p.add_argument("--layerwise-steps", type=int, default=0,
+                   help="ReLU runs start from a layer-wise MLP distillation of this many steps (0 = off)")
+    p.add_argument("--layerwise-lr", type=float, default=3e-4)
+    p.add_argument("--layerwise-l1-peak", type=float, default=0.0, help="progressive L1 in the layer-wise stage")
     p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
     p.add_argument("--fat-target", type=float, default=0.0,
                    help="also report each L1 run with the FATReLU threshold of this holdout sparsity; 0 = no")
@@ -226,12 +234,13 @@ def main(argv=None) -> int:
     # ---- throughput probe and step budget --------------------------------------------------------
     peaks = [float(x) for x in args.peaks.split(",") if x.strip()]
 
-    def config(steps, l1_peak=None, distill=0.0):
+    def config(steps, l1_peak=None, distill=0.0, hidden=0.0):
         l1 = L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak], warmup_steps=steps // 5) \
             if l1_peak else None
         return TrainConfig(steps=steps, seq_len=args.context, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
-                           weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, seed=0, log_every=10)
+                           weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, hidden_distill=hidden,
+                           seed=0, log_every=10)
 
     def probe(distill, checkpoint_dir=None):
         m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
@@ -255,13 +264,16 @@ def main(argv=None) -> int:
         log(f"resume check: max |w_straight - w_resumed| = {max(diffs):.3g}")
         del m
     del straight
-    alpha_any = args.distill_alpha or args.relu_distill_alpha
+    alpha_any = args.distill_alpha or args.relu_distill_alpha or args.hidden_distill
     tps_distill = probe(alpha_any)[0] if alpha_any > 0 else tps
+    relu_teacher = bool(args.relu_distill_alpha or args.hidden_distill)
     batch_tokens = args.batch_size * args.context
     n_relu = 1 + len(peaks)  # relu (L1 off), one run per L1 peak
-    per_step_s = batch_tokens / tps + n_relu * batch_tokens / (tps_distill if args.relu_distill_alpha else tps) \
+    per_step_s = batch_tokens / tps + n_relu * batch_tokens / (tps_distill if relu_teacher else tps) \
         + (batch_tokens / tps_distill if args.distill_alpha > 0 else 0)
-    steps_time = int(args.train_budget_s / per_step_s)
+    # the layer-wise stage costs about a teacher forward plus the MLPs' backward per step
+    lw_s = args.layerwise_steps * batch_tokens / tps_distill if args.layerwise_steps else 0.0
+    steps_time = int(max(0.0, args.train_budget_s - lw_s) / per_step_s)
     steps_epochs = int(args.max_epochs * train_tokens / batch_tokens)
     steps = args.max_steps or max(10, min(steps_time, steps_epochs))
     doc["budget"] = {"tokens_per_s": tps, "tokens_per_s_distill": tps_distill, "batch_tokens": batch_tokens,
@@ -274,18 +286,40 @@ def main(argv=None) -> int:
     def fits(seconds_needed):
         return time.time() - t_start + seconds_needed < args.deadline_s
 
-    def run(name, silu=False, l1_peak=None, distill=0.0, fat=True):
-        cfg = config(steps, l1_peak, distill)
-        need = steps * batch_tokens / (tps_distill if distill else tps) * 1.1 + (15 if fat else 5)
+    start_model = None  # the layer-wise distilled ReLU model, when --layerwise-steps
+    if args.layerwise_steps:
+        n = args.layerwise_steps
+        l1 = L1Schedule.even(n, [args.layerwise_l1_peak / 2, args.layerwise_l1_peak], warmup_steps=n // 5) \
+            if args.layerwise_l1_peak else None
+        lw_cfg = LayerwiseConfig(steps=n, seq_len=args.context, batch_size=args.batch_size, lr=args.layerwise_lr,
+                                 warmup_steps=min(max(1, n // 20), n - 1), l1=l1)
+        start_model = relufy_(copy.deepcopy(original), ReluConfig())
+        h = distill_mlps_(start_model, original, tok, train_text, lw_cfg, progress=False)
+        doc["layerwise"] = {"config": asdict(lw_cfg), "seconds": h.seconds, "tokens": h.tokens,
+                            "initial_layer_error": [round(e, 4) for e in h.initial_layer_error],
+                            "final_layer_error": [round(e, 4) for e in h.final_layer_error],
+                            "history": {"step": subsample(h.step), "rel_error": subsample(h.rel_error),
+                                        "sparsity": subsample(h.sparsity), "l1_factor": subsample(h.l1_factor)}}
+        log(f"layer-wise MLP distillation: {n} steps in {h.seconds:.0f}s, mean rel. error "
+            f"{sum(h.initial_layer_error) / len(h.initial_layer_error):.3f} -> {h.rel_error[-1]:.3f}")
+        measure(start_model, "relufied_layerwise", steps=n)
+
+    def run(name, silu=False, l1_peak=None, distill=0.0, fat=True, hidden=0.0):
+        cfg = config(steps, l1_peak, distill, hidden)
+        teacher = distill or hidden
+        need = steps * batch_tokens / (tps_distill if teacher else tps) * 1.1 + (15 if fat else 5)
         if not fits(need):
             doc["skipped"].append({"run": name, "needed_s": need})
             log(f"skip {name}: needs ~{need:.0f}s, past the deadline")
             save()
             return None
-        model = copy.deepcopy(original).requires_grad_(True)
+        if silu or start_model is None:
+            model = copy.deepcopy(original).requires_grad_(True)
+        else:
+            model = copy.deepcopy(start_model).requires_grad_(True)
         if not silu:
             relufy_(model, ReluConfig())
-        h = train_relu(model, tok, train_text, cfg, teacher=original if distill else None, progress=False)
+        h = train_relu(model, tok, train_text, cfg, teacher=original if teacher else None, progress=False)
         model.requires_grad_(False)
         doc["runs"][name] = {
             "train_config": asdict(cfg), "seconds": h.seconds, "tokens": h.tokens,
@@ -293,7 +327,7 @@ def main(argv=None) -> int:
             "final_train_sparsity": statistics.mean(h.sparsity[-5:]),
             "history": {"step": subsample(h.step), "lm_loss": subsample(h.lm_loss), "l1": subsample(h.l1),
                         "l1_factor": subsample(h.l1_factor), "sparsity": subsample(h.sparsity),
-                        "kl": subsample(h.kl)},
+                        "kl": subsample(h.kl), "hidden": subsample(h.hidden)},
         }
         measure(model, name, steps=steps)
         if silu or not fat:
@@ -314,11 +348,11 @@ def main(argv=None) -> int:
         return model
 
     control = run("silu_finetune_control", silu=True)
-    ra = args.relu_distill_alpha
-    tag = f"_distill{ra:g}" if ra else ""
-    run("relu_finetune_l1_off" + tag, distill=ra)
+    ra, hd = args.relu_distill_alpha, args.hidden_distill
+    tag = (f"_distill{ra:g}" if ra else "") + (f"_hidden{hd:g}" if hd else "") + ("_lw" if start_model else "")
+    run("relu_finetune_l1_off" + tag, distill=ra, hidden=hd)
     for peak in peaks:
-        run(f"relu_l1_peak{peak:g}" + tag, l1_peak=peak, distill=ra)  # the model is dropped: figures are in doc
+        run(f"relu_l1_peak{peak:g}" + tag, l1_peak=peak, distill=ra, hidden=hd)  # the model is dropped: figures are in doc
 
     # ---- headline: chosen on the held-out calibration text only ----------------------------------
     def choose():

@@ -191,3 +191,17 @@ def test_cli_relufy_trains(capsys, tmp_path, model_dir, text_file):
     assert (out / "config.json").exists() and (out / "actsparse_relu.json").exists()
     code, _, err = run_cli(capsys, *args[:-4], "--steps", 0)
     assert code == 2 and "steps >= 1" in err
+
+
+def test_cli_relufy_layerwise_and_hidden_distill(capsys, tmp_path, model_dir, text_file):
+    out = tmp_path / "relu"
+    args = ["relufy", "--model", model_dir, "--text", text_file, "--out", out, "--steps", 3, "--seq-len", 64,
+            "--batch-tokens", 128, "--device", "cpu", "--fat-tol", 0.05, "--layerwise-steps", 4, "--l1-peak", 0,
+            "--hidden-distill", 0.5]
+    code, out_json, err = run_cli(capsys, *args)
+    assert code == 0, err
+    res = last_json(out_json)
+    assert res["steps"] == 3 and res["layerwise_rel_error"] > 0
+    assert (out / "checkpoints" / "layerwise.pt").exists()
+    meta = json.loads((out / "actsparse_relu.json").read_text())["metadata"]
+    assert meta["layerwise_config"]["steps"] == 4 and meta["train_config"]["hidden_distill"] == 0.5

@@ -17,10 +17,12 @@ from actsparse.relu import (
     FATReLU,
     FatThresholdConfig,
     L1Schedule,
+    LayerwiseConfig,
     ReLUAfterNorm,
     ReluConfig,
     TrainConfig,
     activation_modules,
+    distill_mlps_,
     evaluate_relu,
     fat_thresholds,
     load_relufied,
@@ -313,3 +315,124 @@ def test_relufy_and_train_pipeline(tmp_path):
     loaded, _, info = load_relufied(tmp_path)
     assert fat_thresholds(loaded) == pytest.approx(result.fat.thresholds)
     assert info["metadata"]["train_config"]["steps"] == 4
+
+
+# --- layer-wise MLP distillation and hidden-state distillation ------------------------------------
+
+def mlp_rel_error(student, teacher, ids) -> list[float]:
+    """Per layer: ||student_mlp(x) - teacher_mlp(x)||^2 / ||teacher_mlp(x)||^2 on the teacher's inputs."""
+    inputs = {}
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, (a[0], o)))
+             for i, layer in enumerate(teacher.model.layers)]
+    with torch.no_grad():
+        teacher(ids)
+        errs = [((student.model.layers[i].mlp(x) - y).pow(2).mean() / y.pow(2).mean()).item()
+                for i, (x, y) in sorted(inputs.items())]
+    for h in hooks:
+        h.remove()
+    return errs
+
+
+@pytest.mark.parametrize("relu_after_norm", [False, True])
+def test_distill_mlps_fits_the_original_mlps(relu_after_norm):
+    tok = ByteTokenizer()
+    teacher = tiny_model("llama").requires_grad_(False)
+    student = relufy_(copy.deepcopy(teacher).requires_grad_(True), ReluConfig(relu_after_norm=relu_after_norm))
+    student.model.embed_tokens.requires_grad_(False)  # a mixed state, to see that it is restored
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    ids = tok(TEXT[:300])["input_ids"][:, :64]
+    err0 = mlp_rel_error(student, teacher, ids) if not relu_after_norm else None
+    config = LayerwiseConfig(steps=40, seq_len=16, batch_size=4, lr=3e-3, warmup_steps=2)
+    history = distill_mlps_(student, teacher, tok, TEXT, config, progress=False)
+    assert len(history.rel_error) == 40 and all(math.isfinite(v) for v in history.rel_error)
+    assert history.rel_error[-1] < 0.5 * history.rel_error[0]
+    if not relu_after_norm:  # held-out ids, measured outside the training loop
+        err1 = mlp_rel_error(student, teacher, ids)
+        assert sum(err1) < 0.6 * sum(err0)
+    after = student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".mlp." in k for k in changed)  # only MLP weights move
+    assert all(p.requires_grad == ("embed_tokens" not in n) for n, p in student.named_parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distill_mlps_l1_raises_sparsity():
+    tok = ByteTokenizer()
+    teacher = tiny_model("qwen3").requires_grad_(False)
+    sparsity = {}
+    for peak in (0.0, 5.0):
+        student = relufy_(copy.deepcopy(teacher), ReluConfig())
+        l1 = L1Schedule(stages=[(5, peak / 2), (15, peak)]) if peak else None
+        h = distill_mlps_(student, teacher, tok, TEXT, LayerwiseConfig(steps=20, seq_len=16, batch_size=4, lr=3e-3,
+                                                                       l1=l1), progress=False)
+        sparsity[peak] = sum(h.sparsity[-5:]) / 5
+    assert sparsity[5.0] > sparsity[0.0] + 0.1
+
+
+def test_layerwise_config_validation():
+    with pytest.raises(ActsparseError):
+        LayerwiseConfig(steps=0)
+    with pytest.raises(ActsparseError):
+        LayerwiseConfig(steps=5, l1=L1Schedule(stages=[(6, 1.0)]))
+    with pytest.raises(ActsparseError):
+        LayerwiseConfig(steps=5, lr=-1.0)
+
+
+def hidden_rel_error(student, teacher, ids) -> float:
+    with torch.no_grad():
+        hs = student(ids, output_hidden_states=True).hidden_states[1:]
+        ht = teacher(ids, output_hidden_states=True).hidden_states[1:]
+    return sum(((s - t).pow(2).mean() / t.pow(2).mean()).item() for s, t in zip(hs, ht)) / len(ht)
+
+
+def test_hidden_distill_term():
+    tok = ByteTokenizer()
+    teacher = tiny_model("mistral").requires_grad_(False)
+    ids = tok(TEXT[:300])["input_ids"][:, :64]
+    err = {}
+    for beta in (0.0, 20.0):
+        model = relufy_(copy.deepcopy(teacher).requires_grad_(True), ReluConfig())
+        config = small_train_config(steps=8, lr=3e-3, l1=None, hidden_distill=beta, checkpoint_every=0)
+        if beta:
+            with pytest.raises(ActsparseError, match="teacher"):
+                train_relu(copy.deepcopy(model), tok, TEXT, config, progress=False)
+        h = train_relu(model, tok, TEXT, config, teacher=teacher if beta else None, progress=False)
+        err[beta] = hidden_rel_error(model, teacher, ids)
+        if beta:
+            assert len(h.hidden) == 8 and all(v > 0 and math.isfinite(v) for v in h.hidden)
+            # loss = CE + beta * hidden: the recorded parts add up
+            assert h.loss[-1] == pytest.approx(h.lm_loss[-1] + beta * h.hidden[-1], rel=1e-5)
+        else:
+            assert h.hidden == [0.0] * 8
+    assert err[20.0] < 0.5 * err[0.0]  # the term pulls the student's hidden states to the teacher's
+    with pytest.raises(ActsparseError):
+        small_train_config(hidden_distill=-1.0)
+    frozen = relufy_(copy.deepcopy(teacher), ReluConfig())
+    with pytest.raises(ActsparseError, match="requires grad"):
+        train_relu(frozen, tok, TEXT, small_train_config(), progress=False)
+
+
+def test_pipeline_with_layerwise_stage_and_resume(tmp_path):
+    tok = hf_byte_tokenizer()
+    model = tiny_model("llama", vocab_size=257)
+    original = copy.deepcopy(model)
+    config = small_train_config(steps=4, l1=None, distill_alpha=0.5, checkpoint_every=0)
+    lw = LayerwiseConfig(steps=5, seq_len=16, batch_size=4, lr=3e-3)
+    result = relufy_and_train(model, tok, TEXT, tmp_path, train=config, layerwise=lw, progress=False)
+    assert result.layerwise is not None and len(result.layerwise.rel_error) == 5
+    lw_state = torch.load(tmp_path / "checkpoints" / "layerwise.pt", weights_only=True)
+    assert not torch.equal(lw_state["model.layers.0.mlp.up_proj.weight"],
+                           original.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    _, _, info = load_relufied(tmp_path)
+    assert info["metadata"]["layerwise_config"]["steps"] == 5
+
+    # Interrupted after the layer-wise stage (no training checkpoint yet): resuming starts training
+    # from the saved layer-wise weights, not from a new layer-wise run, and ends where the first run did.
+    (tmp_path / "checkpoints" / "checkpoint.pt").unlink()
+    again = relufy_and_train(copy.deepcopy(original), tok, TEXT, tmp_path, train=config, layerwise=lw,
+                             resume=True, progress=False)
+    assert again.layerwise is None
+    assert again.history.loss == result.history.loss
+    with pytest.raises(ActsparseError, match="nothing to resume"):
+        relufy_and_train(copy.deepcopy(original), tok, TEXT, tmp_path / "empty", train=config, layerwise=lw,
+                         resume=True, progress=False)

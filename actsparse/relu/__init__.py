@@ -5,10 +5,14 @@
     train_relu(model, tok, text, TrainConfig(steps=200, l1=L1Schedule([(50, 0.0), (150, 1.0)])))
     select_fat_threshold_(model, tok, holdout_text, FatThresholdConfig(max_ppl_increase=0.01))
 
-or everything at once: :func:`relufy_and_train`.
+Few training tokens? Fit each relufied MLP to the original one first (``distill_mlps_``, or
+``relufy_and_train(..., layerwise=LayerwiseConfig(steps=...))``), then train end to end with
+distillation (``TrainConfig(distill_alpha=1, hidden_distill=...)``).
+Everything at once: :func:`relufy_and_train`.
 """
 
 from .fat import FatThresholdConfig, FatThresholdResult, select_fat_threshold_
+from .layerwise import LayerwiseConfig, LayerwiseHistory, distill_mlps_
 from .measure import ActivationTap, EvalResult, evaluate_relu
 from .modules import (
     FATReLU,
@@ -28,8 +32,8 @@ from .train import L1Schedule, TrainConfig, TrainHistory, train_relu
 
 __all__ = [
     "ActivationTap", "EvalResult", "FATReLU", "FatThresholdConfig", "FatThresholdResult", "L1Schedule",
-    "ReLUAfterNorm", "ReluConfig", "RelufyResult", "TrainConfig", "TrainHistory", "activation_modules",
-    "evaluate_relu", "fat_thresholds", "hf_state_dict", "load_relufied", "mlp_input_norm_name",
-    "relufy_", "relufy_and_train", "save_relufied", "select_fat_threshold_", "set_fat_thresholds_",
-    "split_holdout", "train_relu",
+    "LayerwiseConfig", "LayerwiseHistory", "ReLUAfterNorm", "ReluConfig", "RelufyResult", "TrainConfig",
+    "TrainHistory", "activation_modules", "distill_mlps_", "evaluate_relu", "fat_thresholds", "hf_state_dict",
+    "load_relufied", "mlp_input_norm_name", "relufy_", "relufy_and_train", "save_relufied",
+    "select_fat_threshold_", "set_fat_thresholds_", "split_holdout", "train_relu",
 ]

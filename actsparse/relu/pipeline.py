@@ -1,6 +1,6 @@
 """The whole ProSparse-style recipe in one call (what ``actsparse relufy`` runs).
 
-relufy -> fine-tune (progressive L1, optional distillation from the original model) -> choose the
+relufy -> (optional) layer-wise MLP distillation -> fine-tune (progressive L1, optional distillation from the original model) -> choose the
 FATReLU threshold on held-out calibration text -> save an HF folder + ``actsparse_relu.json``.
 """
 
@@ -12,10 +12,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import ActsparseError
 from .fat import FatThresholdConfig, FatThresholdResult, select_fat_threshold_
+from .layerwise import LayerwiseConfig, LayerwiseHistory, distill_mlps_
 from .modules import ReluConfig, relufy_, save_relufied
 from .train import TrainConfig, TrainHistory, train_relu
 
@@ -37,12 +39,14 @@ class RelufyResult:
     out_dir: Path
     history: TrainHistory
     fat: FatThresholdResult | None
+    layerwise: LayerwiseHistory | None = None
 
 
 def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.PathLike,
                      train: TrainConfig, relu: ReluConfig | None = None,
                      fat: FatThresholdConfig | None = None, holdout_fraction: float = 0.05,
-                     resume: bool = False, progress: bool = True) -> RelufyResult:
+                     resume: bool = False, progress: bool = True,
+                     layerwise: LayerwiseConfig | None = None) -> RelufyResult:
     """Relufy ``model`` in place, fine-tune it on ``text``, pick the FATReLU threshold, save it.
 
     text: calibration/training text; its last ``holdout_fraction`` (cut at a line break) is held
@@ -50,20 +54,42 @@ def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.P
     out_dir: receives ``checkpoints/checkpoint.pt`` during training and, at the end, an HF folder
         (activation "relu") with ``actsparse_relu.json`` (thresholds, configs, training summary).
     resume: continue from ``out_dir/checkpoints`` after an interruption.
-    With ``train.distill_alpha > 0`` a frozen copy of the original model is the teacher.
+    layerwise: first fit every relufied MLP to the original one (:func:`distill_mlps_`), on the
+        same training text; its result is kept in ``checkpoints/layerwise.pt``, so a resumed run
+        does not repeat it.
+    With ``train.distill_alpha > 0`` or ``train.hidden_distill > 0`` (or ``layerwise``) a frozen
+    copy of the original model is the teacher.
     """
     relu = relu or ReluConfig()
     out_dir = Path(out_dir)
     train_text, holdout_text = split_holdout(text, holdout_fraction if fat is not None else 0.0)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if train.distill_alpha > 0 else None
+    need_teacher = train.distill_alpha > 0 or train.hidden_distill > 0 or layerwise is not None
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if need_teacher else None
     relufy_(model, relu)
-    history = train_relu(model, tokenizer, train_text, train, checkpoint_dir=out_dir / "checkpoints",
-                         resume=resume, teacher=teacher, progress=progress)
+    ckpt_dir = out_dir / "checkpoints"
+    lw_path = ckpt_dir / "layerwise.pt"
+    lw_history = None
+    resume_training = resume and (ckpt_dir / "checkpoint.pt").exists()
+    if resume and not resume_training and not (layerwise is not None and lw_path.exists()):
+        raise ActsparseError(f"nothing to resume: no checkpoint in {ckpt_dir}")
+    if layerwise is not None and not resume_training:
+        if resume:  # interrupted after the layer-wise stage, before the first training checkpoint
+            model.load_state_dict(torch.load(lw_path, map_location="cpu", weights_only=True))
+        else:
+            lw_history = distill_mlps_(model, teacher, tokenizer, train_text, layerwise, progress=progress)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = lw_path.with_name(lw_path.name + ".tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, lw_path)
+    history = train_relu(model, tokenizer, train_text, train, checkpoint_dir=ckpt_dir,
+                         resume=resume_training, teacher=teacher, progress=progress)
     del teacher
     fat_result = select_fat_threshold_(model, tokenizer, holdout_text, fat) if fat is not None else None
     metadata = {
         "relu_config": asdict(relu),
         "train_config": asdict(train),
+        "layerwise_config": asdict(layerwise) if layerwise is not None else None,
+        "layerwise_final_rel_error": lw_history.rel_error[-1] if lw_history else None,
         "fat_config": asdict(fat) if fat is not None else None,
         "fat_result": asdict(fat_result) if fat_result is not None else None,
         "final_lm_loss": history.lm_loss[-1] if history.lm_loss else None,
@@ -71,4 +97,4 @@ def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.P
         "tokens": history.tokens,
     }
     save_relufied(model, tokenizer, out_dir, metadata=json.loads(json.dumps(metadata, default=str)))
-    return RelufyResult(out_dir=out_dir, history=history, fat=fat_result)
+    return RelufyResult(out_dir=out_dir, history=history, fat=fat_result, layerwise=lw_history)

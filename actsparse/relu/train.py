@@ -2,9 +2,11 @@
 
 Loss per micro-batch::
 
-    (1 - alpha) * CE(student) + alpha * KL(teacher || student) + lambda(step) * L1
+    (1 - alpha) * CE(student) + alpha * KL(teacher || student) + beta * H + lambda(step) * L1
 
-with ``L1`` = mean over layers of ``mean|act(gate(x))|`` (the input-side sparsity of ``down``), and
+with ``H`` = mean over layers of ``||h_student - h_teacher||^2 / E[h_teacher^2]`` (hidden-state
+distillation, ``hidden_distill = beta``; a d_model-dimensional target per token and layer, which
+helps when the text is short), and ``L1`` = mean over layers of ``mean|act(gate(x))|`` (the input-side sparsity of ``down``), and
 ``lambda`` following :class:`L1Schedule`. ProSparse (Song et al., 2024) raises lambda in stages with
 increasing peaks, smoothly inside each stage, because a large L1 factor from the first step
 destroys the model before it adapts to ReLU, and a sudden jump in lambda gives a loss spike.
@@ -111,6 +113,7 @@ class TrainConfig:
     l1: L1Schedule | None = None  # None = no L1 term
     distill_alpha: float = 0.0  # weight of KL(teacher || student); 0 = off
     distill_temperature: float = 1.0
+    hidden_distill: float = 0.0  # weight of the per-layer hidden-state MSE to the teacher; 0 = off
     bf16: bool = True  # autocast to bf16 on CUDA (weights and optimizer stay fp32)
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end / stop
     seed: int = 0
@@ -140,6 +143,8 @@ class TrainConfig:
             raise ActsparseError("weight_decay and grad_clip must be >= 0")
         if not 0 <= self.distill_alpha <= 1:
             raise ActsparseError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not (self.hidden_distill >= 0 and math.isfinite(self.hidden_distill)):
+            raise ActsparseError(f"hidden_distill must be a finite number >= 0, got {self.hidden_distill}")
         if not self.distill_temperature > 0:
             raise ActsparseError("distill_temperature must be > 0")
         if self.l1 is not None and not isinstance(self.l1, L1Schedule):
@@ -171,7 +176,7 @@ class TrainConfig:
 # Fields that must match when resuming (logging/checkpoint cadence may change).
 _RESUME_KEYS = ("steps", "seq_len", "batch_size", "micro_batch_size", "lr", "lr_schedule", "warmup_steps",
                 "min_lr_ratio", "weight_decay", "betas", "grad_clip", "l1", "distill_alpha",
-                "distill_temperature", "bf16", "seed")
+                "distill_temperature", "hidden_distill", "bf16", "seed")
 
 
 @dataclass
@@ -184,6 +189,7 @@ class TrainHistory:
     l1: list[float] = field(default_factory=list)  # mean over layers of mean|a|
     l1_factor: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
+    hidden: list[float] = field(default_factory=list)  # mean relative hidden-state error (hidden_distill)
     sparsity: list[float] = field(default_factory=list)  # zeros of act(gate(x)) in the step's batch
     lr: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
@@ -285,14 +291,17 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
     stop_after: stop once this many optimizer steps are done in total (a time-sliced job); a later
         call with ``resume=True`` finishes the run with the same result as an uninterrupted one.
     """
-    if config.distill_alpha > 0 and teacher is None:
-        raise ActsparseError("distill_alpha > 0 needs the teacher (original) model")
+    use_teacher = config.distill_alpha > 0 or config.hidden_distill > 0
+    if use_teacher and teacher is None:
+        raise ActsparseError("distill_alpha > 0 or hidden_distill > 0 needs the teacher (original) model")
     if stop_after is not None and stop_after <= 0:
         raise ActsparseError("stop_after must be a positive number of steps")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if resume and (ckpt_path is None or not ckpt_path.exists()):
         raise ActsparseError(f"nothing to resume: no {CHECKPOINT_FILE} in {checkpoint_dir}")
 
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ActsparseError("no parameter of the model requires grad: call model.requires_grad_(True) first")
     if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
         raise ActsparseError("train in float32 (load the model with dtype=float32): AdamW keeps fp32 weights, "
                              "and bf16 autocast is used on CUDA")
@@ -333,30 +342,39 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
         for step in range(start, end):
             t0 = time.perf_counter()
             factor = config.l1.factor(step) if config.l1 is not None else 0.0
-            sums = torch.zeros(4, device=device)  # loss, lm, l1, kl
+            sums = torch.zeros(5, device=device)  # loss, lm, l1, kl, hidden
             tap.reset_counts()
+            hidden_states = config.hidden_distill > 0
             for micro in range(config.grad_accum):
                 first = step * config.batch_size + micro * config.micro_batch_size
                 ids = data.batch(first, config.micro_batch_size).to(device)  # [b, T]
                 with autocast():
-                    logits = model(input_ids=ids, use_cache=False).logits  # [b, T, V]
-                logits = logits[:, :-1].flatten(0, 1).float()
+                    out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+                logits = out.logits[:, :-1].flatten(0, 1).float()  # [b*(T-1), V]
                 lm = F.cross_entropy(logits, ids[:, 1:].flatten())
                 l1 = tap.pop_l1()
                 kl = torch.zeros((), device=device)
-                if config.distill_alpha > 0:
+                hid = torch.zeros((), device=device)
+                loss = lm
+                if use_teacher:
                     with torch.no_grad(), autocast():
-                        t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1)
+                        t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+                if config.distill_alpha > 0:
+                    t_logits = t_out.logits[:, :-1].flatten(0, 1)
                     tau = config.distill_temperature
                     kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits.float() / tau, -1),
                                   log_target=True, reduction="batchmean") * tau**2
                     loss = (1 - config.distill_alpha) * lm + config.distill_alpha * kl
-                else:
-                    loss = lm
+                if hidden_states:
+                    # every layer's output (embeddings excluded), relative to the teacher's energy
+                    hid = torch.stack([(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+                                       for s, t in zip(out.hidden_states[1:], t_out.hidden_states[1:])]).mean()
+                    loss = loss + config.hidden_distill * hid
                 if factor > 0:
                     loss = loss + factor * l1
                 (loss / config.grad_accum).backward()
-                sums += torch.stack([loss.detach(), lm.detach(), l1.detach(), kl.detach()]) / config.grad_accum
+                sums += torch.stack([loss.detach(), lm.detach(), l1.detach(), kl.detach(), hid.detach()]) \
+                    / config.grad_accum
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
@@ -364,7 +382,7 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_v, lm_v, l1_v, kl_v = sums.tolist()  # one host sync per step
+            loss_v, lm_v, l1_v, kl_v, hid_v = sums.tolist()  # one host sync per step
             if not math.isfinite(loss_v):
                 raise ActsparseError(f"training diverged at step {step} (loss {loss_v}); lower lr or the L1 peaks")
             history.step.append(step)
@@ -373,6 +391,7 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
             history.l1.append(l1_v)
             history.l1_factor.append(factor)
             history.kl.append(kl_v)
+            history.hidden.append(hid_v)
             history.sparsity.append(tap.sparsity())
             history.lr.append(lr)
             history.step_seconds.append(time.perf_counter() - t0)
