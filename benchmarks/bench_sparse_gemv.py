@@ -352,11 +352,57 @@ def run_benchmark(ceiling, quick, configs=None) -> list:
     return rows
 
 
+def down_grid() -> list:
+    """Compacting configs for long-K, narrow-N problems (down projections): tiles, warps and programs
+    per SM, with at most 128 fp32 accumulator values per thread (the FMA path keeps a BK x BN tile)."""
+    grid = []
+    for bk in (32, 64):
+        for bn in (64, 128, 256):
+            for w in (4, 8):
+                if bk * bn // (32 * w) > 128:
+                    continue
+                for p in (2, 4, 8):
+                    grid.append(C(bk, bn, 1, w, p, compact=True))
+    return grid
+
+
+def run_sweep_down() -> dict:
+    """Down-projection shapes (ProSparse step 3 at 67/89%, Llama-3 down at 0/0.5): the whole grid,
+    each config gated against the fp64 reference first (a failing config is dropped and reported)."""
+    grid, dropped = [], []
+    for i, cfg in enumerate(down_grid()):
+        try:
+            rec = check_case(11008, 4096, 1, 0.89, torch.bfloat16, config=cfg, seed=300 + i)
+        except Exception as exc:  # noqa: BLE001 (reported in the JSON)
+            rec = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        (grid if rec["ok"] else dropped).append(cfg if rec["ok"] else {"config": str(cfg), **rec})
+    log(f"sweep-down: {len(grid)} configs pass the gate, {len(dropped)} dropped")
+    problems = [("prosparse-7b.down", 11008, 4096, (0.67, 0.89)), ("prosparse-13b.down", 13824, 5120, (0.67, 0.89)),
+                ("llama3-8b.down", 14336, 4096, (0.0, 0.5))]
+    rows = []
+    for name, K, N, sps in problems:
+        prob = Problem(K, N)
+        dense_us = min(prob.time_dense(1, seed=5))
+        for sp in sps:
+            times = {str(c): prob.time_sparse(1, sp, c, seed=5)[0] for c in grid}
+            default = str(pick_config(K, N, 1))
+            best = min(times, key=times.get)
+            rows.append({"shape": name, "s": sp, "dense_us": round(dense_us, 2), "default": default,
+                         "default_us": round(times[default], 2), "best": best, "best_us": round(times[best], 2),
+                         "times_us": {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])}})
+            log(f"sweep-down {name:20s} s={sp:.2f} dense {dense_us:6.2f} us; default {default} {times[default]:6.2f} "
+                f"(x{dense_us / times[default]:.2f}); best {best} {times[best]:6.2f} (x{dense_us / times[best]:.2f})")
+        prob.free()
+    return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/sparse_gemv_h100.json")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep-down", action="store_true",
+                    help="only a grid sweep of down-projection shapes (ProSparse step 3), after the gate")
     ap.add_argument("--save-choice", default=None,
                     help="with --sweep: write the chosen configs here (for sparse_gemv.load_tuned_configs)")
     args = ap.parse_args(argv)
@@ -383,6 +429,16 @@ def main(argv=None) -> int:
     ceiling = copy_ceiling_tb_s()
     doc["copy_ceiling"] = ceiling
     log(f"copy ceiling: {ceiling['tb_s']:.3f} TB/s (read+write)")
+    if args.sweep_down:
+        doc["sweep_down"] = run_sweep_down()
+        doc["elapsed_s"] = round(time.time() - t0, 1)
+        save_json(doc, args.out)
+        if os.environ.get("OUT"):
+            save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
+        print_json_last({"benchmark": "sparse_gemv sweep-down", "date": doc["date"], "commit": doc["commit"],
+                         "rows": [[r["shape"], r["s"], r["dense_us"], r["default_us"], r["best"], r["best_us"]]
+                                  for r in doc["sweep_down"]["rows"]]})
+        return 0
     configs = None
     if args.sweep:
         doc["sweep"] = run_sweep(ceiling["tb_s"], args.quick)
