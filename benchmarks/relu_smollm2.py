@@ -39,10 +39,12 @@ from actsparse.relu import (
     ReluConfig,
     TrainConfig,
     LayerwiseConfig,
+    SampleConfig,
     distill_mlps_,
     evaluate_relu,
     fat_thresholds,
     relufy_,
+    sample_teacher_windows,
     select_fat_threshold_,
     split_holdout,
     train_relu,
@@ -80,6 +82,10 @@ def parse_args(argv=None):
                    help="ReLU runs start from a layer-wise MLP distillation of this many steps (0 = off)")
     p.add_argument("--layerwise-lr", type=float, default=3e-4)
     p.add_argument("--layerwise-l1-peak", type=float, default=0.0, help="progressive L1 in the layer-wise stage")
+    p.add_argument("--sample-tokens", type=int, default=0,
+                   help="add this many tokens sampled from the original model (prompted by training-text "
+                        "prefixes) to every run's training data, the control's included (0 = off)")
+    p.add_argument("--skip-l1-off", action="store_true", help="no ReLU run with the L1 term off")
     p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
     p.add_argument("--fat-target", type=float, default=0.0,
                    help="also report each L1 run with the FATReLU threshold of this holdout sparsity; 0 = no")
@@ -209,8 +215,17 @@ def main(argv=None) -> int:
     train_text, holdout_text = split_holdout(calib, args.holdout_fraction)
     eval_ids = tokenize(tok, evaltext)[: args.eval_tokens]
     holdout_ids = tokenize(tok, holdout_text)
-    train_tokens = tokenize(tok, train_text).numel()
-    doc["data"] = {"train_tokens": train_tokens, "holdout_tokens": holdout_ids.numel(),
+    text_tokens = tokenize(tok, train_text).numel()
+    extra = None
+    if args.sample_tokens:
+        t0 = time.time()
+        sc = SampleConfig(tokens=args.sample_tokens, seq_len=args.context, seed=0)
+        extra = sample_teacher_windows(original, tokenize(tok, train_text), sc, progress=False)
+        doc["sampling"] = {"config": asdict(sc), "windows": extra.shape[0], "seconds": round(time.time() - t0, 1)}
+        log(f"sampled {extra.numel()} tokens from the original model in {time.time() - t0:.0f}s")
+    train_tokens = text_tokens + (extra.numel() if extra is not None else 0)
+    doc["data"] = {"train_tokens": train_tokens, "train_text_tokens": text_tokens,
+                   "sampled_tokens": extra.numel() if extra is not None else 0, "holdout_tokens": holdout_ids.numel(),
                    "eval_tokens": eval_ids.numel() // args.context * args.context}
     log(f"loaded; train {train_tokens} tokens, holdout {holdout_ids.numel()}, eval {eval_ids.numel()}")
 
@@ -268,7 +283,7 @@ def main(argv=None) -> int:
     tps_distill = probe(alpha_any)[0] if alpha_any > 0 else tps
     relu_teacher = bool(args.relu_distill_alpha or args.hidden_distill)
     batch_tokens = args.batch_size * args.context
-    n_relu = 1 + len(peaks)  # relu (L1 off), one run per L1 peak
+    n_relu = (0 if args.skip_l1_off else 1) + len(peaks)  # relu (L1 off), one run per L1 peak
     per_step_s = batch_tokens / tps + n_relu * batch_tokens / (tps_distill if relu_teacher else tps) \
         + (batch_tokens / tps_distill if args.distill_alpha > 0 else 0)
     # the layer-wise stage costs about a teacher forward plus the MLPs' backward per step
@@ -294,7 +309,7 @@ def main(argv=None) -> int:
         lw_cfg = LayerwiseConfig(steps=n, seq_len=args.context, batch_size=args.batch_size, lr=args.layerwise_lr,
                                  warmup_steps=min(max(1, n // 20), n - 1), l1=l1)
         start_model = relufy_(copy.deepcopy(original), ReluConfig())
-        h = distill_mlps_(start_model, original, tok, train_text, lw_cfg, progress=False)
+        h = distill_mlps_(start_model, original, tok, train_text, lw_cfg, progress=False, extra_windows=extra)
         doc["layerwise"] = {"config": asdict(lw_cfg), "seconds": h.seconds, "tokens": h.tokens,
                             "initial_layer_error": [round(e, 4) for e in h.initial_layer_error],
                             "final_layer_error": [round(e, 4) for e in h.final_layer_error],
@@ -319,7 +334,8 @@ def main(argv=None) -> int:
             model = copy.deepcopy(start_model).requires_grad_(True)
         if not silu:
             relufy_(model, ReluConfig())
-        h = train_relu(model, tok, train_text, cfg, teacher=original if teacher else None, progress=False)
+        h = train_relu(model, tok, train_text, cfg, teacher=original if teacher else None, progress=False,
+                       extra_windows=extra)
         model.requires_grad_(False)
         doc["runs"][name] = {
             "train_config": asdict(cfg), "seconds": h.seconds, "tokens": h.tokens,
@@ -350,7 +366,9 @@ def main(argv=None) -> int:
     control = run("silu_finetune_control", silu=True)
     ra, hd = args.relu_distill_alpha, args.hidden_distill
     tag = (f"_distill{ra:g}" if ra else "") + (f"_hidden{hd:g}" if hd else "") + ("_lw" if start_model else "")
-    run("relu_finetune_l1_off" + tag, distill=ra, hidden=hd)
+    tag += "_sampled" if extra is not None else ""
+    if not args.skip_l1_off:
+        run("relu_finetune_l1_off" + tag, distill=ra, hidden=hd)
     for peak in peaks:
         run(f"relu_l1_peak{peak:g}" + tag, l1_peak=peak, distill=ra, hidden=hd)  # the model is dropped: figures are in doc
 

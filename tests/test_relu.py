@@ -436,3 +436,34 @@ def test_pipeline_with_layerwise_stage_and_resume(tmp_path):
     with pytest.raises(ActsparseError, match="nothing to resume"):
         relufy_and_train(copy.deepcopy(original), tok, TEXT, tmp_path / "empty", train=config, layerwise=lw,
                          resume=True, progress=False)
+
+
+def test_sample_teacher_windows_and_extra_training_windows():
+    from actsparse.relu import SampleConfig, sample_teacher_windows
+    from actsparse.relu.train import PackedText
+
+    teacher = tiny_model("llama", vocab_size=257).requires_grad_(False)
+    teacher.generation_config.eos_token_id = 256
+    ids = hf_byte_tokenizer()(TEXT)["input_ids"]
+    ids = torch.as_tensor(ids).reshape(-1)
+    config = SampleConfig(tokens=100, seq_len=24, prompt_len=8, batch_size=3, seed=4)
+    windows = sample_teacher_windows(teacher, ids, config, progress=False)
+    assert windows.shape == (5, 24) and windows.dtype == torch.long  # ceil(100 / 24) windows
+    # every window starts with 8 consecutive tokens of the text
+    text = ids.tolist()
+    for w in windows.tolist():
+        assert any(text[i:i + 8] == w[:8] for i in range(len(text) - 8))
+    assert torch.equal(windows, sample_teacher_windows(teacher, ids, config, progress=False))  # seeded
+    assert not torch.equal(windows, sample_teacher_windows(teacher, ids, SampleConfig(tokens=100, seq_len=24,
+                                                                                      prompt_len=8, seed=5),
+                                                           progress=False))
+    with pytest.raises(ActsparseError):
+        SampleConfig(tokens=10, seq_len=8, prompt_len=8)
+    with pytest.raises(ActsparseError, match="too few"):
+        sample_teacher_windows(teacher, ids[:5], config, progress=False)
+
+    packed = PackedText(ids, 24, seed=0, extra=windows)
+    assert len(packed) == ids.numel() // 24 + 5
+    assert torch.equal(packed.windows[-5:], windows)
+    with pytest.raises(ActsparseError):
+        PackedText(ids, 16, seed=0, extra=windows)  # window length must match

@@ -7,7 +7,8 @@
 
 Few training tokens? Fit each relufied MLP to the original one first (``distill_mlps_``, or
 ``relufy_and_train(..., layerwise=LayerwiseConfig(steps=...))``), then train end to end with
-distillation (``TrainConfig(distill_alpha=1, hidden_distill=...)``).
+distillation (``TrainConfig(distill_alpha=1, hidden_distill=...)``), on more text sampled from the
+original model if needed (``sample_teacher_windows``, passed as ``extra_windows``).
 Everything at once: :func:`relufy_and_train`.
 """
 
@@ -28,12 +29,13 @@ from .modules import (
     set_fat_thresholds_,
 )
 from .pipeline import RelufyResult, relufy_and_train, split_holdout
+from .synth import SampleConfig, sample_teacher_windows
 from .train import L1Schedule, TrainConfig, TrainHistory, train_relu
 
 __all__ = [
     "ActivationTap", "EvalResult", "FATReLU", "FatThresholdConfig", "FatThresholdResult", "L1Schedule",
-    "LayerwiseConfig", "LayerwiseHistory", "ReLUAfterNorm", "ReluConfig", "RelufyResult", "TrainConfig",
+    "LayerwiseConfig", "LayerwiseHistory", "ReLUAfterNorm", "ReluConfig", "RelufyResult", "SampleConfig", "TrainConfig",
     "TrainHistory", "activation_modules", "distill_mlps_", "evaluate_relu", "fat_thresholds", "hf_state_dict",
-    "load_relufied", "mlp_input_norm_name", "relufy_", "relufy_and_train", "save_relufied",
+    "load_relufied", "mlp_input_norm_name", "relufy_", "relufy_and_train", "sample_teacher_windows", "save_relufied",
     "select_fat_threshold_", "set_fat_thresholds_", "split_holdout", "train_relu",
 ]

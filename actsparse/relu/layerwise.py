@@ -85,12 +85,13 @@ class LayerwiseHistory:
 
 
 def distill_mlps_(student: nn.Module, teacher: nn.Module, tokenizer, text: str, config: LayerwiseConfig,
-                  progress: bool = True) -> LayerwiseHistory:
+                  progress: bool = True, extra_windows: torch.Tensor | None = None) -> LayerwiseHistory:
     """Train the MLPs of ``student`` (relufied, see :func:`relufy_`) in place to reproduce the MLPs
     of ``teacher`` (the original model, same architecture, frozen) on ``text``; returns the history.
 
     Attention, norms and embeddings of the student are not changed. The student must be float32
-    (Adam keeps fp32 weights; bf16 autocast is used on CUDA).
+    (Adam keeps fp32 weights; bf16 autocast is used on CUDA). ``extra_windows``: [M, seq_len] token
+    ids used together with ``text`` (e.g. teacher samples).
     """
     _, s_layers = decoder_layers(student)
     _, t_layers = decoder_layers(teacher)
@@ -100,7 +101,7 @@ def distill_mlps_(student: nn.Module, teacher: nn.Module, tokenizer, text: str, 
     if any(p.dtype != torch.float32 for p in params):
         raise ActsparseError("distill the MLPs in float32 (load the model with dtype=float32)")
     device = params[0].device
-    data = PackedText(tokenize(tokenizer, text), config.seq_len, config.seed)
+    data = PackedText(tokenize(tokenizer, text), config.seq_len, config.seed, extra=extra_windows)
 
     # with relu_after_norm the student's MLP sees relu(norm(x)) where the teacher's sees norm(x)
     relu_in = [isinstance(getattr(layer, mlp_input_norm_name(layer)), ReLUAfterNorm) for layer in s_layers]

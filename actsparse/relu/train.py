@@ -205,11 +205,15 @@ class PackedText:
     """The text as ``seq_len``-token windows; the window order of each epoch is a seeded permutation,
     so the batch of any step is a pure function of ``(seed, step)``."""
 
-    def __init__(self, ids: torch.Tensor, seq_len: int, seed: int):
+    def __init__(self, ids: torch.Tensor, seq_len: int, seed: int, extra: torch.Tensor | None = None):
         n = ids.numel() // seq_len
-        if n == 0:
+        if n == 0 and extra is None:
             raise ActsparseError(f"the training text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
         self.windows = ids[: n * seq_len].view(n, seq_len)  # [W, T]
+        if extra is not None:  # more windows, e.g. text sampled from the teacher (see synth.py)
+            if extra.dim() != 2 or extra.shape[1] != seq_len:
+                raise ActsparseError(f"extra windows must be [M, {seq_len}], got {tuple(extra.shape)}")
+            self.windows = torch.cat([self.windows, extra.to(self.windows.dtype)])
         self.seed = seed
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -280,7 +284,7 @@ def _make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
                checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
                teacher: nn.Module | None = None, stop_after: int | None = None,
-               progress: bool = True) -> TrainHistory:
+               progress: bool = True, extra_windows: torch.Tensor | None = None) -> TrainHistory:
     """Fine-tune ``model`` in place on ``text`` (packed into ``seq_len`` windows); returns the history.
 
     The model is usually relufied first (:func:`relufy_`); the same function trains the SiLU control.
@@ -290,6 +294,8 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
     teacher: the original model, required when ``distill_alpha > 0`` (kept frozen, same device).
     stop_after: stop once this many optimizer steps are done in total (a time-sliced job); a later
         call with ``resume=True`` finishes the run with the same result as an uninterrupted one.
+    extra_windows: [M, seq_len] token ids trained on together with ``text`` (e.g. teacher samples,
+        :func:`sample_teacher_windows`); a resumed run must be given the same ones.
     """
     use_teacher = config.distill_alpha > 0 or config.hidden_distill > 0
     if use_teacher and teacher is None:
@@ -306,7 +312,7 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
         raise ActsparseError("train in float32 (load the model with dtype=float32): AdamW keeps fp32 weights, "
                              "and bf16 autocast is used on CUDA")
     device = next(model.parameters()).device
-    data = PackedText(tokenize(tokenizer, text), config.seq_len, config.seed)
+    data = PackedText(tokenize(tokenizer, text), config.seq_len, config.seed, extra=extra_windows)
     optimizer = _make_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
     history = TrainHistory()

@@ -1,0 +1,85 @@
+"""Text sampled from the original model, to distil on more tokens than the calibration text holds.
+
+Distillation (KL to the teacher's logits, hidden-state and layer-wise MLP targets) needs inputs, not
+labels, so any text the teacher finds plausible serves. The teacher continues short prefixes of the
+training text (sampling at temperature 1 from its full distribution), which keeps the samples close
+to the training domain; the evaluation text is never touched. On SmolLM2-135M the calibration file
+holds 320k tokens, while sampling gives millions in a couple of minutes on one GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ActsparseError
+
+
+@dataclass
+class SampleConfig:
+    """``tokens``: how many tokens to produce, as ``seq_len``-token windows (prefix included)."""
+
+    tokens: int
+    seq_len: int = 1024
+    prompt_len: int = 32  # tokens of training text that start each sample
+    batch_size: int = 128
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("tokens", "seq_len", "prompt_len", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ActsparseError(f"{name} must be a positive integer, got {v!r}")
+        if self.prompt_len >= self.seq_len:
+            raise ActsparseError(f"prompt_len {self.prompt_len} must be shorter than seq_len {self.seq_len}")
+        if not self.temperature > 0:
+            raise ActsparseError(f"temperature must be > 0, got {self.temperature}")
+
+
+@torch.no_grad()
+def sample_teacher_windows(teacher: nn.Module, ids: torch.Tensor, config: SampleConfig,
+                           progress: bool = True) -> torch.Tensor:
+    """Windows of text sampled from ``teacher``: each starts with ``prompt_len`` tokens of ``ids``
+    (the training text as one id stream; prefixes taken at seeded random offsets) and continues with
+    ``seq_len - prompt_len`` sampled tokens (end-of-sequence suppressed). -> [M, seq_len] int64 on
+    the CPU, ``M = ceil(tokens / seq_len)``."""
+    ids = ids.reshape(-1)
+    if ids.numel() < config.prompt_len + 1:
+        raise ActsparseError(f"the text has {ids.numel()} tokens, too few for {config.prompt_len}-token prompts")
+    device = next(teacher.parameters()).device
+    n = -(-config.tokens // config.seq_len)
+    gen = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, ids.numel() - config.prompt_len, (n,), generator=gen)
+    new = config.seq_len - config.prompt_len
+    gen_config = dict(do_sample=True, temperature=config.temperature, top_k=0, top_p=1.0,
+                      max_new_tokens=new, min_new_tokens=new)
+    eos = getattr(teacher.generation_config, "eos_token_id", None) or getattr(teacher.config, "eos_token_id", None)
+    pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    out = []
+    was_training = teacher.training
+    teacher.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n * config.seq_len, desc="sampling teacher text", unit="tok", unit_scale=True,
+                   dynamic_ncols=True)
+    torch.manual_seed(config.seed)
+    use_autocast = device.type == "cuda"
+    for b in range(0, n, config.batch_size):
+        s = starts[b:b + config.batch_size]
+        prompts = torch.stack([ids[i:i + config.prompt_len] for i in s.tolist()]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            seqs = teacher.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                    pad_token_id=pad, **gen_config)
+        if seqs.shape[1] != config.seq_len:
+            raise ActsparseError(f"the teacher produced {seqs.shape[1]} tokens per sample, not {config.seq_len}")
+        out.append(seqs.cpu())
+        if bar is not None:
+            bar.update(seqs.numel())
+    if bar is not None:
+        bar.close()
+    teacher.train(was_training)
+    return torch.cat(out)
