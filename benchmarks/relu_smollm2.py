@@ -85,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-tokens", type=int, default=0,
                    help="add this many tokens sampled from the original model (prompted by training-text "
                         "prefixes) to every run's training data, the control's included (0 = off)")
+    p.add_argument("--sample-cache", default="", help="load the sampled windows from this file if it exists, "
+                   "else save them there (reuse across runs on one machine)")
     p.add_argument("--skip-l1-off", action="store_true", help="no ReLU run with the L1 term off")
     p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
     p.add_argument("--fat-target", type=float, default=0.0,
@@ -220,7 +222,16 @@ def main(argv=None) -> int:
     if args.sample_tokens:
         t0 = time.time()
         sc = SampleConfig(tokens=args.sample_tokens, seq_len=args.context, seed=0)
-        extra = sample_teacher_windows(original, tokenize(tok, train_text), sc, progress=False)
+        cache = Path(args.sample_cache) if args.sample_cache else None
+        if cache is not None and cache.exists():
+            extra = torch.load(cache)
+            if extra.numel() < args.sample_tokens or extra.shape[1] != args.context:
+                raise SystemExit(f"{cache} holds {tuple(extra.shape)} windows, not what was asked for")
+            extra = extra[: -(-args.sample_tokens // args.context)]
+        else:
+            extra = sample_teacher_windows(original, tokenize(tok, train_text), sc, progress=False)
+            if cache is not None:
+                torch.save(extra, cache)
         doc["sampling"] = {"config": asdict(sc), "windows": extra.shape[0], "seconds": round(time.time() - t0, 1)}
         log(f"sampled {extra.numel()} tokens from the original model in {time.time() - t0:.0f}s")
     train_tokens = text_tokens + (extra.numel() if extra is not None else 0)
