@@ -145,16 +145,19 @@ def relufy(
     out: str = typer.Option(..., help="output folder (checkpoints during training, HF model folder at the end)"),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     text: str = typer.Option("wiki_calib", help="training text (its last 5% is held out to pick FATReLU)"),
-    steps: int = typer.Option(150, help="optimizer steps"),
+    steps: int = typer.Option(400, help="optimizer steps of the end-to-end fine-tune"),
     batch_tokens: int = typer.Option(8192, help="tokens per optimizer step"),
     micro_batch: Optional[int] = typer.Option(None, help="sequences per forward (gradient accumulation)"),
     seq_len: int = typer.Option(1024),
     lr: float = typer.Option(1e-4),
-    l1_peak: float = typer.Option(32.0, help="peak progressive-L1 factor (0: off)"),
+    l1_peak: float = typer.Option(8.0, help="peak progressive-L1 factor of the fine-tune (0: off)"),
     distill: float = typer.Option(1.0, help="weight of KL distillation from the original model (0: off)"),
-    hidden_distill: float = typer.Option(0.0, help="weight of per-layer hidden-state distillation (0: off)"),
-    layerwise_steps: int = typer.Option(0, help="first fit each ReLU MLP to the original MLP for this many steps"),
+    hidden_distill: float = typer.Option(1.0, help="weight of per-layer hidden-state distillation (0: off)"),
+    layerwise_steps: int = typer.Option(1200, help="first fit each ReLU MLP to the original MLP (0: skip)"),
     layerwise_lr: float = typer.Option(3e-4, help="learning rate of the layer-wise MLP stage"),
+    layerwise_l1_peak: float = typer.Option(2.0, help="peak L1 factor of the layer-wise stage (0: off)"),
+    sample_tokens: int = typer.Option(524288, help="tokens to sample from the original model and train on "
+                                      "with the text (0: none)"),
     fat_tol: Optional[float] = typer.Option(0.01, help="FATReLU: largest T with held-out ppl within this fraction"),
     fat_sparsity: Optional[float] = typer.Option(None, help="FATReLU: T for this held-out sparsity instead"),
     relu_after_norm: bool = typer.Option(False, help="also ReLU after the norms (sparse q/k/v, gate/up inputs)"),
@@ -162,16 +165,27 @@ def relufy(
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints after an interruption"),
     device: Optional[str] = typer.Option(None, help="cuda (default when available) or cpu"),
 ):
-    """Relufy (ReLU/FATReLU) and fine-tune with ProSparse's progressive L1, then pick a FATReLU threshold."""
-    from .relu import FatThresholdConfig, L1Schedule, LayerwiseConfig, ReluConfig, TrainConfig, relufy_and_train
+    """Relufy (ReLU/FATReLU): sample text from the original model, fit each ReLU MLP to the original
+    one (layer-wise), fine-tune with distillation and ProSparse's progressive L1, pick a FATReLU
+    threshold. Defaults: the best recipe measured on SmolLM2-135M (docs/RESULTS.md); on a CPU use
+    far smaller --steps/--layerwise-steps/--sample-tokens."""
+    from .relu import (
+        FatThresholdConfig,
+        L1Schedule,
+        LayerwiseConfig,
+        ReluConfig,
+        SampleConfig,
+        TrainConfig,
+        relufy_and_train,
+    )
 
     import torch
 
     from .io import read_text
     from .models import load_model
 
-    if steps < 1 or batch_tokens < seq_len or layerwise_steps < 0:
-        raise ActsparseError("need steps >= 1, layerwise_steps >= 0 and batch_tokens >= seq_len")
+    if steps < 1 or batch_tokens < seq_len or layerwise_steps < 0 or sample_tokens < 0:
+        raise ActsparseError("need steps >= 1, layerwise_steps >= 0, sample_tokens >= 0 and batch_tokens >= seq_len")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     body = read_text(text)
     mdl, tok = load_model(model, dtype="float32", device=device)
@@ -182,10 +196,15 @@ def relufy(
                                            warmup_steps=steps // 5) if l1_peak > 0 else None,
                         distill_alpha=distill, hidden_distill=hidden_distill, checkpoint_every=checkpoint_every,
                         bf16=device.startswith("cuda"))
-    layerwise = LayerwiseConfig(steps=layerwise_steps, seq_len=seq_len, batch_size=batch, lr=layerwise_lr,
-                                warmup_steps=min(max(1, layerwise_steps // 20), layerwise_steps - 1),
-                                bf16=device.startswith("cuda")) \
-        if layerwise_steps else None
+    layerwise = None
+    if layerwise_steps:
+        n = layerwise_steps
+        layerwise = LayerwiseConfig(
+            steps=n, seq_len=seq_len, batch_size=batch, lr=layerwise_lr, warmup_steps=min(max(1, n // 20), n - 1),
+            l1=L1Schedule.even(n, [layerwise_l1_peak / 2, layerwise_l1_peak], warmup_steps=n // 5)
+            if layerwise_l1_peak > 0 else None,
+            bf16=device.startswith("cuda"))
+    sample = SampleConfig(tokens=sample_tokens, seq_len=seq_len) if sample_tokens else None
     if fat_sparsity is not None:
         fat = FatThresholdConfig(max_ppl_increase=None, target_sparsity=fat_sparsity, context=seq_len)
     elif fat_tol is not None:
@@ -193,7 +212,7 @@ def relufy(
     else:
         fat = None
     res = relufy_and_train(mdl, tok, body, out, train=train, relu=ReluConfig(relu_after_norm=relu_after_norm),
-                           fat=fat, resume=resume, layerwise=layerwise)
+                           fat=fat, resume=resume, layerwise=layerwise, sample=sample)
     h = res.history
     _emit({"model_dir": str(res.out_dir), "steps": len(h.step),
            "layerwise_rel_error": res.layerwise.rel_error[-1] if res.layerwise else None, "final_lm_loss": h.lm_loss[-1] if h.lm_loss else None,

@@ -183,7 +183,8 @@ def test_missing_model_and_bad_gguf(capsys, tmp_path):
 def test_cli_relufy_trains(capsys, tmp_path, model_dir, text_file):
     out = tmp_path / "relu"
     args = ["relufy", "--model", model_dir, "--text", text_file, "--out", out, "--steps", 8, "--seq-len", 64,
-            "--batch-tokens", 128, "--device", "cpu", "--checkpoint-every", 1, "--fat-sparsity", 0.9, "--distill", 0.5]
+            "--batch-tokens", 128, "--device", "cpu", "--checkpoint-every", 1, "--layerwise-steps", 0,
+            "--sample-tokens", 0, "--hidden-distill", 0, "--fat-sparsity", 0.9, "--distill", 0.5]
     code, out_json, err = run_cli(capsys, *args)
     assert code == 0, err
     res = last_json(out_json)
@@ -197,7 +198,7 @@ def test_cli_relufy_layerwise_and_hidden_distill(capsys, tmp_path, model_dir, te
     out = tmp_path / "relu"
     args = ["relufy", "--model", model_dir, "--text", text_file, "--out", out, "--steps", 3, "--seq-len", 64,
             "--batch-tokens", 128, "--device", "cpu", "--fat-tol", 0.05, "--layerwise-steps", 4, "--l1-peak", 0,
-            "--hidden-distill", 0.5]
+            "--hidden-distill", 0.5, "--sample-tokens", 256]
     code, out_json, err = run_cli(capsys, *args)
     assert code == 0, err
     res = last_json(out_json)
@@ -205,3 +206,6 @@ def test_cli_relufy_layerwise_and_hidden_distill(capsys, tmp_path, model_dir, te
     assert (out / "checkpoints" / "layerwise.pt").exists()
     meta = json.loads((out / "actsparse_relu.json").read_text())["metadata"]
     assert meta["layerwise_config"]["steps"] == 4 and meta["train_config"]["hidden_distill"] == 0.5
+    assert meta["sample_config"]["tokens"] == 256
+    samples = torch.load(out / "checkpoints" / "samples.pt")
+    assert samples.shape == (4, 64)  # 256 sampled tokens as 64-token windows

@@ -412,13 +412,19 @@ def test_hidden_distill_term():
         train_relu(frozen, tok, TEXT, small_train_config(), progress=False)
 
 
-def test_pipeline_with_layerwise_stage_and_resume(tmp_path):
+def test_pipeline_with_layerwise_stage_and_resume(tmp_path, monkeypatch):
+    from actsparse.relu import SampleConfig
+    from actsparse.relu import pipeline as relu_pipeline
+
     tok = hf_byte_tokenizer()
     model = tiny_model("llama", vocab_size=257)
     original = copy.deepcopy(model)
     config = small_train_config(steps=4, l1=None, distill_alpha=0.5, checkpoint_every=0)
     lw = LayerwiseConfig(steps=5, seq_len=16, batch_size=4, lr=3e-3)
-    result = relufy_and_train(model, tok, TEXT, tmp_path, train=config, layerwise=lw, progress=False)
+    sample = SampleConfig(tokens=64, seq_len=16, prompt_len=4, batch_size=4)
+    result = relufy_and_train(model, tok, TEXT, tmp_path, train=config, layerwise=lw, sample=sample,
+                              progress=False)
+    assert torch.load(tmp_path / "checkpoints" / "samples.pt").shape == (4, 16)
     assert result.layerwise is not None and len(result.layerwise.rel_error) == 5
     lw_state = torch.load(tmp_path / "checkpoints" / "layerwise.pt", weights_only=True)
     assert not torch.equal(lw_state["model.layers.0.mlp.up_proj.weight"],
@@ -429,8 +435,13 @@ def test_pipeline_with_layerwise_stage_and_resume(tmp_path):
     # Interrupted after the layer-wise stage (no training checkpoint yet): resuming starts training
     # from the saved layer-wise weights, not from a new layer-wise run, and ends where the first run did.
     (tmp_path / "checkpoints" / "checkpoint.pt").unlink()
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a resumed run must reuse checkpoints/samples.pt")
+
+    monkeypatch.setattr(relu_pipeline, "sample_teacher_windows", no_sampling)
     again = relufy_and_train(copy.deepcopy(original), tok, TEXT, tmp_path, train=config, layerwise=lw,
-                             resume=True, progress=False)
+                             sample=sample, resume=True, progress=False)
     assert again.layerwise is None
     assert again.history.loss == result.history.loss
     with pytest.raises(ActsparseError, match="nothing to resume"):

@@ -1,6 +1,7 @@
 """The whole ProSparse-style recipe in one call (what ``actsparse relufy`` runs).
 
-relufy -> (optional) layer-wise MLP distillation -> fine-tune (progressive L1, optional distillation from the original model) -> choose the
+relufy -> (optional) sample more text from the original model -> (optional) layer-wise MLP
+distillation -> fine-tune (progressive L1, optional distillation from the original model) -> choose the
 FATReLU threshold on held-out calibration text -> save an HF folder + ``actsparse_relu.json``.
 """
 
@@ -18,7 +19,9 @@ from torch import nn
 from ..errors import ActsparseError
 from .fat import FatThresholdConfig, FatThresholdResult, select_fat_threshold_
 from .layerwise import LayerwiseConfig, LayerwiseHistory, distill_mlps_
+from .measure import tokenize
 from .modules import ReluConfig, relufy_, save_relufied
+from .synth import SampleConfig, sample_teacher_windows
 from .train import TrainConfig, TrainHistory, train_relu
 
 
@@ -46,7 +49,8 @@ def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.P
                      train: TrainConfig, relu: ReluConfig | None = None,
                      fat: FatThresholdConfig | None = None, holdout_fraction: float = 0.05,
                      resume: bool = False, progress: bool = True,
-                     layerwise: LayerwiseConfig | None = None) -> RelufyResult:
+                     layerwise: LayerwiseConfig | None = None,
+                     sample: SampleConfig | None = None) -> RelufyResult:
     """Relufy ``model`` in place, fine-tune it on ``text``, pick the FATReLU threshold, save it.
 
     text: calibration/training text; its last ``holdout_fraction`` (cut at a line break) is held
@@ -57,6 +61,9 @@ def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.P
     layerwise: first fit every relufied MLP to the original one (:func:`distill_mlps_`), on the
         same training text; its result is kept in ``checkpoints/layerwise.pt``, so a resumed run
         does not repeat it.
+    sample: first sample this much text from the original model (prompted by training-text
+        prefixes) and train on it together with the training text (layer-wise stage included);
+        kept in ``checkpoints/samples.pt`` and reused on resume. Useful with distillation only.
     With ``train.distill_alpha > 0`` or ``train.hidden_distill > 0`` (or ``layerwise``) a frozen
     copy of the original model is the teacher.
     """
@@ -64,31 +71,48 @@ def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.P
     out_dir = Path(out_dir)
     train_text, holdout_text = split_holdout(text, holdout_fraction if fat is not None else 0.0)
     need_teacher = train.distill_alpha > 0 or train.hidden_distill > 0 or layerwise is not None
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if need_teacher else None
-    relufy_(model, relu)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if need_teacher or sample else None
     ckpt_dir = out_dir / "checkpoints"
     lw_path = ckpt_dir / "layerwise.pt"
-    lw_history = None
     resume_training = resume and (ckpt_dir / "checkpoint.pt").exists()
     if resume and not resume_training and not (layerwise is not None and lw_path.exists()):
         raise ActsparseError(f"nothing to resume: no checkpoint in {ckpt_dir}")
+    extra = None
+    if sample is not None:
+        samples_path = ckpt_dir / "samples.pt"
+        if resume and samples_path.exists():
+            extra = torch.load(samples_path, weights_only=True)
+        else:
+            if sample.seq_len != train.seq_len:
+                raise ActsparseError(f"sample.seq_len {sample.seq_len} differs from train.seq_len {train.seq_len}")
+            extra = sample_teacher_windows(teacher, tokenize(tokenizer, train_text), sample, progress=progress)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = samples_path.with_name(samples_path.name + ".tmp")
+            torch.save(extra, tmp)
+            os.replace(tmp, samples_path)
+        if not need_teacher:
+            teacher = None
+    relufy_(model, relu)
+    lw_history = None
     if layerwise is not None and not resume_training:
         if resume:  # interrupted after the layer-wise stage, before the first training checkpoint
             model.load_state_dict(torch.load(lw_path, map_location="cpu", weights_only=True))
         else:
-            lw_history = distill_mlps_(model, teacher, tokenizer, train_text, layerwise, progress=progress)
+            lw_history = distill_mlps_(model, teacher, tokenizer, train_text, layerwise, progress=progress,
+                                       extra_windows=extra)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = lw_path.with_name(lw_path.name + ".tmp")
             torch.save(model.state_dict(), tmp)
             os.replace(tmp, lw_path)
     history = train_relu(model, tokenizer, train_text, train, checkpoint_dir=ckpt_dir,
-                         resume=resume_training, teacher=teacher, progress=progress)
+                         resume=resume_training, teacher=teacher, progress=progress, extra_windows=extra)
     del teacher
     fat_result = select_fat_threshold_(model, tokenizer, holdout_text, fat) if fat is not None else None
     metadata = {
         "relu_config": asdict(relu),
         "train_config": asdict(train),
         "layerwise_config": asdict(layerwise) if layerwise is not None else None,
+        "sample_config": asdict(sample) if sample is not None else None,
         "layerwise_final_rel_error": lw_history.rel_error[-1] if lw_history else None,
         "fat_config": asdict(fat) if fat is not None else None,
         "fat_result": asdict(fat_result) if fat_result is not None else None,
