@@ -184,6 +184,12 @@ def load_model(
     check_supported(model.config)
     model.to(device).eval()
     model.name_or_path = str(path)
+    if path.is_dir() and (path / "actsparse_relu.json").exists():
+        # a relufied model (actsparse relufy): restore its FATReLU thresholds and norm ReLUs, which a
+        # plain from_pretrained does not know about
+        from .relu.modules import restore_relu_  # noqa: PLC0415
+
+        restore_relu_(model, path)
     return model, tokenizer
 
 

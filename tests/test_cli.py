@@ -190,6 +190,11 @@ def test_cli_relufy_trains(capsys, tmp_path, model_dir, text_file):
     res = last_json(out_json)
     assert res["steps"] == 8 and res["fat_threshold"] > 0 and 0.5 < res["holdout_sparsity"] <= 1.0
     assert (out / "config.json").exists() and (out / "actsparse_relu.json").exists()
+    # the relufied folder is a model like any other, FATReLU thresholds included
+    code, out_json, err = run_cli(capsys, "generate", "--model", out, "--prompt", "hello", "--device", "cpu",
+                                  "--max-new-tokens", 4)
+    assert code == 0, err
+    assert last_json(out_json)["new_tokens"] == 4
     code, _, err = run_cli(capsys, *args[:-4], "--steps", 0)
     assert code == 2 and "steps >= 1" in err
 

@@ -301,3 +301,50 @@ def test_decode_attention_modes_match(hf_and_engine):
     assert engine.sparse_key() != key  # a captured graph is tied to the attention mode
     with pytest.raises(ActsparseError):
         engine.set_decode_attention_("flash")
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_relufied_model_runs_with_its_fatrelu_thresholds(family, tmp_path):
+    """A folder from `actsparse relufy` (ReLU MLP, per-layer FATReLU thresholds in
+    actsparse_relu.json): load_model restores the thresholds, and the engine, whether it loads the
+    folder or the loaded HF model, gives the same logits as the HF model with them."""
+    from actsparse.engine.load import engine_from_hf_model
+    from actsparse.models import load_model
+    from actsparse.relu import ReluConfig, activation_modules, fat_thresholds, relufy_, save_relufied
+
+    hf = make_hf(family)
+    relufy_(hf, ReluConfig())
+    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + DECODE_STEPS), generator=torch.Generator().manual_seed(7))
+    # per-layer thresholds at the median of each layer's positive gate values: many more zeros than ReLU
+    gates = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: gates.__setitem__(n, a[0]))
+             for n, m in activation_modules(hf).items()]
+    with torch.no_grad():
+        hf(ids)
+    for h in hooks:
+        h.remove()
+    thresholds = {n: float(g[g > 0].median()) for n, g in gates.items()}
+    relufy_(hf, ReluConfig(layer_thresholds=thresholds))
+    save_relufied(hf, hf_byte_tokenizer(), tmp_path / "relu")
+
+    loaded, _ = load_model(tmp_path / "relu")
+    assert fat_thresholds(loaded) == pytest.approx(thresholds)
+    ref = hf_logits(hf, ids)
+    assert rel_err(hf_logits(loaded, ids), ref) < 1e-6
+    plain = make_hf(family)  # the same weights with plain ReLU differ: the thresholds matter here
+    relufy_(plain, ReluConfig())
+    assert rel_err(hf_logits(plain, ids), ref) > 1e-3
+
+    for engine in (load_hf(tmp_path / "relu", device="cpu", dtype=torch.float32),
+                   engine_from_hf_model(loaded)[0]):
+        assert [layer.feed_forward.act_threshold for layer in engine.layers] == pytest.approx(list(thresholds.values()))
+        out = engine_logits(engine, ids)
+        assert rel_err(out[:, :PROMPT_LEN], ref[:, :PROMPT_LEN]) < 1e-5
+        assert rel_err(out[:, PROMPT_LEN:], ref[:, PROMPT_LEN:]) < 1e-5
+
+    relufy_(hf, ReluConfig(relu_after_norm=True))
+    with pytest.raises(ActsparseError, match="relu_after_norm"):
+        engine_from_hf_model(hf)
+    save_relufied(hf, hf_byte_tokenizer(), tmp_path / "norm")
+    with pytest.raises(ActsparseError, match="relu_after_norm"):
+        load_hf(tmp_path / "norm", device="cpu", dtype=torch.float32)

@@ -78,7 +78,23 @@ def load_hf(path: str | os.PathLike, device="cuda", dtype=torch.bfloat16) -> Tra
         _assign_weights(model, _hf_to_engine_state_dict(tensors, args))
     except KeyError as exc:
         raise ActsparseError(f"cannot load {path} into the engine: missing tensor {exc}") from exc
+    relu_info = path / "actsparse_relu.json"  # a relufied model (actsparse.relu.save_relufied)
+    if relu_info.exists():
+        info = json.loads(relu_info.read_text())
+        _apply_relu_info(model, info.get("fat_thresholds", {}), bool(info.get("relu_after_norm")))
     return model
+
+
+def _apply_relu_info(model: Transformer, fat_thresholds: dict[str, float], relu_after_norm: bool) -> None:
+    """FATReLU thresholds of a relufied model onto the engine's MLPs (``model.layers.<i>.mlp.act_fn``)."""
+    if relu_after_norm:
+        raise ActsparseError("the decode engine does not run models relufied with relu_after_norm; "
+                             "use the Hugging Face path (engine 'hf')")
+    for name, t in fat_thresholds.items():
+        parts = name.split(".")
+        if len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[3:] != ["mlp", "act_fn"]:
+            raise ActsparseError(f"unexpected FATReLU site name {name!r}")
+        model.layers[int(parts[2])].feed_forward.set_act_threshold_(float(t))
 
 
 @torch.no_grad()
@@ -154,11 +170,17 @@ def engine_from_hf_model(hf_model, device=None, dtype=None) -> tuple[Transformer
 
     Returns (engine, thresholds found in SparseLinear buffers or None, prefill_dense flag).
     """
+    from ..relu.modules import ReLUAfterNorm  # noqa: PLC0415
+
     args = ModelArgs.from_hf_config(hf_model.config.to_dict())
-    tensors, thresholds, prefill_dense = {}, {}, False
+    if any(isinstance(m, ReLUAfterNorm) for m in hf_model.modules()):
+        _apply_relu_info(None, {}, True)  # raises: not supported by the engine
+    tensors, thresholds, fat, prefill_dense = {}, {}, {}, False
     for name, t in hf_model.state_dict().items():
         if name.endswith(".thresholds"):
             thresholds[name[: -len(".thresholds")]] = t.detach().float().cpu()
+        elif name.endswith("mlp.act_fn.threshold"):  # FATReLU of a relufied model
+            fat[name[: -len(".threshold")]] = float(t)
         elif not name.endswith("._weight_t"):
             tensors[name] = t.detach()
     for mod in hf_model.modules():
@@ -172,6 +194,7 @@ def engine_from_hf_model(hf_model, device=None, dtype=None) -> tuple[Transformer
     with torch.device("meta"):
         model = Transformer(args, dtype=dtype)
     _assign_weights(model, _hf_to_engine_state_dict(tensors, args))
+    _apply_relu_info(model, fat, False)
     gate = [n for n, t in thresholds.items() if n.endswith(".act_fn") and bool((t != 0).any())]
     if gate:
         raise ActsparseError(

@@ -440,13 +440,28 @@ _ACTIVATIONS = {
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
+        self.hidden_act = args.hidden_act
         self.act = _ACTIVATIONS[args.hidden_act]
+        # FATReLU threshold of a relufied model (actsparse.relu): a = gate * (gate > T); 0 = plain ReLU.
+        # A Python float, so compiled decode steps treat it as a constant.
+        self.act_threshold = 0.0
         self.w13 = Linear(args.dim, 2 * args.intermediate_size, args.mlp_bias, device, dtype)  # gate; up
         self.w2 = Linear(args.intermediate_size, args.dim, args.mlp_bias, device, dtype)  # down
 
+    def set_act_threshold_(self, threshold: float) -> None:
+        if threshold and self.hidden_act != "relu":
+            raise ActsparseError(f"a FATReLU threshold needs a ReLU MLP, this one uses {self.hidden_act}")
+        if not (threshold >= 0 and math.isfinite(threshold)):
+            raise ActsparseError(f"FATReLU threshold must be a finite number >= 0, got {threshold}")
+        self.act_threshold = float(threshold)
+
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(self.act(gate) * up)
+        if self.act_threshold > 0:
+            act = torch.where(gate > self.act_threshold, gate, torch.zeros_like(gate))
+        else:
+            act = self.act(gate)
+        return self.w2(act * up)
 
 
 class Block(nn.Module):

@@ -219,15 +219,28 @@ def save_relufied(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metad
     return out_dir
 
 
+def restore_relu_(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Apply the FATReLU thresholds and norm ReLUs recorded in ``path/actsparse_relu.json`` to a
+    model loaded from that folder; returns the recorded info. (``load_model`` calls it.)"""
+    info_path = Path(path) / RELU_CONFIG_FILE
+    if not info_path.exists():
+        raise ActsparseError(f"{path} holds no {RELU_CONFIG_FILE}: not written by save_relufied")
+    try:
+        info = json.loads(info_path.read_text())
+        config = ReluConfig(layer_thresholds=info["fat_thresholds"], relu_after_norm=info["relu_after_norm"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ActsparseError(f"{info_path} is not a valid actsparse ReLU record: {exc}") from exc
+    relufy_(model, config)
+    return info
+
+
 def load_relufied(path: str | os.PathLike, dtype=torch.float32, device="cpu"):
     """Load a folder written by :func:`save_relufied`; returns ``(model, tokenizer, info)``."""
     from ..models import load_model
 
     path = Path(path)
-    info_path = path / RELU_CONFIG_FILE
-    if not info_path.exists():
+    if not (path / RELU_CONFIG_FILE).exists():
         raise ActsparseError(f"{path} holds no {RELU_CONFIG_FILE}: not written by save_relufied")
-    info = json.loads(info_path.read_text())
-    model, tokenizer = load_model(path, dtype=dtype, device=device)
-    relufy_(model, ReluConfig(layer_thresholds=info["fat_thresholds"], relu_after_norm=info["relu_after_norm"]))
+    model, tokenizer = load_model(path, dtype=dtype, device=device)  # restores thresholds (restore_relu_)
+    info = json.loads((path / RELU_CONFIG_FILE).read_text())
     return model, tokenizer, info
