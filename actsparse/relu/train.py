@@ -6,10 +6,11 @@ Loss per micro-batch::
 
 with ``H`` = mean over layers of ``||h_student - h_teacher||^2 / E[h_teacher^2]`` (hidden-state
 distillation, ``hidden_distill = beta``; a d_model-dimensional target per token and layer, which
-helps when the text is short), and ``L1`` = mean over layers of ``mean|act(gate(x))|`` (the input-side sparsity of ``down``), and
-``lambda`` following :class:`L1Schedule`. ProSparse (Song et al., 2024) raises lambda in stages with
-increasing peaks, smoothly inside each stage, because a large L1 factor from the first step
-destroys the model before it adapts to ReLU, and a sudden jump in lambda gives a loss spike.
+helps when the text is short), ``L1`` = mean over layers of ``mean|act(gate(x))|`` (the input-side
+sparsity of ``down``), and ``lambda`` following :class:`L1Schedule`. ProSparse (Song et al., 2024)
+raises lambda in stages with increasing peaks, smoothly inside each stage, because a large L1
+factor from the first step destroys the model before it adapts to ReLU, and a sudden jump in
+lambda gives a loss spike.
 
 Resumable: checkpoints (model, optimizer, LR scheduler, step, RNG, configs, history) are written
 atomically, and the batch of step ``s`` is a pure function of ``(seed, s)``, so an interrupted run
