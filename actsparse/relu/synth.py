@@ -46,7 +46,9 @@ def sample_teacher_windows(teacher: nn.Module, ids: torch.Tensor, config: Sample
     """Windows of text sampled from ``teacher``: each starts with ``prompt_len`` tokens of ``ids``
     (the training text as one id stream; prefixes taken at seeded random offsets) and continues with
     ``seq_len - prompt_len`` sampled tokens (end-of-sequence suppressed). -> [M, seq_len] int64 on
-    the CPU, ``M = ceil(tokens / seq_len)``."""
+    the CPU, ``M = ceil(tokens / seq_len)``. On CUDA the sampling runs on a bf16 copy of the teacher
+    (HF ``generate`` is bound by per-step overheads; bf16 and large batches are what make it fast),
+    so the GPU must hold that copy as well."""
     ids = ids.reshape(-1)
     if ids.numel() < config.prompt_len + 1:
         raise ActsparseError(f"the text has {ids.numel()} tokens, too few for {config.prompt_len}-token prompts")
