@@ -14,8 +14,18 @@ whole script fits a time budget (``--train-budget-s``), capped at ``--max-epochs
 training text. Results go to ``$OUT/relu_smollm2.json`` (written after every stage, so a cut-off run
 still leaves its figures); the last line printed is one JSON document.
 
+Options for the distillation recipe (docs/RESULTS.md, runs 3-7): ``--layerwise-steps N`` starts every
+ReLU run from a layer-wise MLP distillation (``--layerwise-l1-peak`` adds its L1 term; measured once
+as the stage ``relufied_layerwise``), ``--hidden-distill`` adds hidden-state distillation to the
+e2e runs, ``--sample-tokens N`` adds text sampled from the original model to every run's training
+data (the control's included; ``--sample-cache`` reuses it across runs on one machine).
+
     PYTHONPATH=. python3 benchmarks/relu_smollm2.py --model /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
     PYTHONPATH=. python3 benchmarks/relu_smollm2.py --tiny   # CPU smoke test of the script itself
+    # run 7, the best recipe so far:
+    PYTHONPATH=. python3 benchmarks/relu_smollm2.py --model M.gguf --lr 1e-4 --max-steps 400 --peaks 8 \
+        --skip-l1-off --relu-distill-alpha 1 --hidden-distill 1 --distill-alpha 0 --fat-target 0.85 \
+        --no-resume-check --layerwise-steps 1200 --layerwise-l1-peak 2 --sample-tokens 524288
 """
 
 from __future__ import annotations
