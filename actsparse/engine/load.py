@@ -85,11 +85,14 @@ def load_hf(path: str | os.PathLike, device="cuda", dtype=torch.bfloat16) -> Tra
     return model
 
 
+_NO_RELU_AFTER_NORM = ("the decode engine does not run models relufied with relu_after_norm; "
+                       "use the Hugging Face path (engine 'hf')")
+
+
 def _apply_relu_info(model: Transformer, fat_thresholds: dict[str, float], relu_after_norm: bool) -> None:
     """FATReLU thresholds of a relufied model onto the engine's MLPs (``model.layers.<i>.mlp.act_fn``)."""
     if relu_after_norm:
-        raise ActsparseError("the decode engine does not run models relufied with relu_after_norm; "
-                             "use the Hugging Face path (engine 'hf')")
+        raise ActsparseError(_NO_RELU_AFTER_NORM)
     for name, t in fat_thresholds.items():
         parts = name.split(".")
         if len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[3:] != ["mlp", "act_fn"]:
@@ -174,7 +177,7 @@ def engine_from_hf_model(hf_model, device=None, dtype=None) -> tuple[Transformer
 
     args = ModelArgs.from_hf_config(hf_model.config.to_dict())
     if any(isinstance(m, ReLUAfterNorm) for m in hf_model.modules()):
-        _apply_relu_info(None, {}, True)  # raises: not supported by the engine
+        raise ActsparseError(_NO_RELU_AFTER_NORM)
     tensors, thresholds, fat, prefill_dense = {}, {}, {}, False
     for name, t in hf_model.state_dict().items():
         if name.endswith(".thresholds"):

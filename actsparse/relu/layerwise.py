@@ -27,7 +27,7 @@ from ..errors import ActsparseError
 from ..models import decoder_layers
 from .measure import ActivationTap, tokenize
 from .modules import ReLUAfterNorm, mlp_input_norm_name
-from .train import L1Schedule, PackedText
+from .train import L1Schedule, PackedText, check_positive_ints, warmup_cosine
 
 
 @dataclass
@@ -48,10 +48,7 @@ class LayerwiseConfig:
     def __post_init__(self):
         if isinstance(self.l1, dict):
             self.l1 = L1Schedule(**self.l1)
-        for name in ("steps", "seq_len", "batch_size", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ActsparseError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, "steps", "seq_len", "batch_size", "log_every")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ActsparseError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_steps < self.steps:
@@ -64,10 +61,7 @@ class LayerwiseConfig:
             raise ActsparseError(f"the L1 schedule spans {self.l1.total_steps} steps but there are {self.steps}")
 
     def lr_factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        p = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+        return warmup_cosine(step, self.warmup_steps, self.steps, self.min_lr_ratio)
 
 
 @dataclass

@@ -81,7 +81,7 @@ class ActivationTap:
         total = sum(self.total)
         if total == 0:
             return float("nan")
-        return float(sum(torch.as_tensor(z).item() for z in self.zeros)) / total
+        return float(torch.as_tensor(sum(self.zeros)).item()) / total  # summed on the device: one sync
 
     def layer_sparsity(self) -> dict[str, float]:
         return {n: (torch.as_tensor(z).item() / t if t else float("nan"))

@@ -1,8 +1,9 @@
 """The whole ProSparse-style recipe in one call (what ``actsparse relufy`` runs).
 
 relufy -> (optional) sample more text from the original model -> (optional) layer-wise MLP
-distillation -> fine-tune (progressive L1, optional distillation from the original model) -> choose the
-FATReLU threshold on held-out calibration text -> save an HF folder + ``actsparse_relu.json``.
+distillation -> fine-tune (progressive L1, optional distillation from the original model) ->
+choose the FATReLU threshold on held-out calibration text -> save an HF folder +
+``actsparse_relu.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .layerwise import LayerwiseConfig, LayerwiseHistory, distill_mlps_
 from .measure import tokenize
 from .modules import ReluConfig, relufy_, save_relufied
 from .synth import SampleConfig, sample_teacher_windows
-from .train import TrainConfig, TrainHistory, train_relu
+from .train import TrainConfig, TrainHistory, atomic_save, train_relu
 
 
 def split_holdout(text: str, holdout_fraction: float) -> tuple[str, str]:
@@ -86,10 +87,7 @@ def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.P
             if sample.seq_len != train.seq_len:
                 raise ActsparseError(f"sample.seq_len {sample.seq_len} differs from train.seq_len {train.seq_len}")
             extra = sample_teacher_windows(teacher, tokenize(tokenizer, train_text), sample, progress=progress)
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = samples_path.with_name(samples_path.name + ".tmp")
-            torch.save(extra, tmp)
-            os.replace(tmp, samples_path)
+            atomic_save(extra, samples_path)
         if not need_teacher:
             teacher = None
     relufy_(model, relu)
@@ -100,10 +98,7 @@ def relufy_and_train(model: nn.Module, tokenizer, text: str, out_dir: str | os.P
         else:
             lw_history = distill_mlps_(model, teacher, tokenizer, train_text, layerwise, progress=progress,
                                        extra_windows=extra)
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            tmp = lw_path.with_name(lw_path.name + ".tmp")
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, lw_path)
+            atomic_save(model.state_dict(), lw_path)
     history = train_relu(model, tokenizer, train_text, train, checkpoint_dir=ckpt_dir,
                          resume=resume_training, teacher=teacher, progress=progress, extra_windows=extra)
     del teacher

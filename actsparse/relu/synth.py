@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ActsparseError
+from .train import check_positive_ints
 
 
 @dataclass
@@ -30,10 +31,7 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("tokens", "seq_len", "prompt_len", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ActsparseError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, "tokens", "seq_len", "prompt_len", "batch_size")
         if self.prompt_len >= self.seq_len:
             raise ActsparseError(f"prompt_len {self.prompt_len} must be shorter than seq_len {self.seq_len}")
         if not self.temperature > 0:

@@ -36,6 +36,31 @@ from .measure import ActivationTap, tokenize
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
+def check_positive_ints(obj, *names: str) -> None:
+    """Config validation shared by the ReLU-path dataclasses: each named field is an int > 0."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ActsparseError(f"{name} must be a positive integer, got {v!r}")
+
+
+def warmup_cosine(step: int, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    p = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a reader (or a
+    resumed run) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 @dataclass
 class L1Schedule:
     """Staged L1 factor: ``stages = [(steps, peak), ...]``, peaks non-decreasing.
@@ -123,10 +148,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.l1, dict):
             self.l1 = L1Schedule(**self.l1)
-        for name in ("steps", "seq_len", "batch_size", "micro_batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ActsparseError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, "steps", "seq_len", "batch_size", "micro_batch_size")
         if self.seq_len < 2:
             raise ActsparseError("seq_len must be >= 2")
         if self.batch_size % self.micro_batch_size:
@@ -166,12 +188,9 @@ class TrainConfig:
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step``: linear warm-up, then cosine or constant."""
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if self.lr_schedule == "constant":
+        if self.lr_schedule == "constant" and step >= self.warmup_steps:
             return 1.0
-        p = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+        return warmup_cosine(step, self.warmup_steps, self.steps, self.min_lr_ratio)
 
 
 # Fields that must match when resuming (logging/checkpoint cadence may change).
@@ -256,7 +275,6 @@ def _config_dict(config: TrainConfig) -> dict:
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: TrainConfig,
                     history: TrainHistory) -> None:
     """Write a training checkpoint atomically (tmp file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -267,9 +285,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, config: 
         "relu_config": getattr(model.config, "actsparse_relu", None),
         "history": asdict(history),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_save(payload, path)
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
