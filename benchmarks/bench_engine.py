@@ -309,6 +309,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--attention", default="matmul,reductions",
                    help="decode-attention modes to time at B=1 (the fastest is used afterwards)")
+    p.add_argument("--act-boundary", default="off,on",
+                   help="'on' adds a B=1 Inductor run with Transformer.set_act_boundary_ (first attention mode)")
+    p.add_argument("--pdl", action="store_true",
+                   help="also time sparse B=1 at the batch sparsity and the highest one with sparse_gemv "
+                        "launched with programmatic dependent launch")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)
@@ -317,6 +322,7 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if on_cuda else torch.float32
     sparsities = [float(s) for s in args.sparsities.split(",")]
     attentions = [a for a in args.attention.split(",") if a]
+    act_boundaries = [{"off": False, "on": True}[a] for a in args.act_boundary.split(",") if a]
     batches = [int(b) for b in args.batches.split(",")]
     if 1 not in batches:
         batches.insert(0, 1)
@@ -377,16 +383,20 @@ def main(argv=None) -> dict:
     # "dense" below. B>1 products are cuBLAS in both (Inductor only rewrites one-row matmuls).
     # Each decode-attention mode (--attention) is timed with Inductor's GEMVs at B=1; the fastest
     # (gemv, attention) pair is "dense" and is used for every later run.
+    # --act-boundary on: the same with the act(gate) * up / down-projection region boundary
+    # (Transformer.set_act_boundary_), with the first attention mode.
     dense_rate, dense_detail, dense_variants = {}, {}, {}
-    gemv_best, attn_best = "inductor", attentions[0]
-    runs = [(1, "cublas", attentions[0])] + [(1, "inductor", a) for a in attentions]
-    for b, gemv, attn in runs + [(b, None, None) for b in batches if b != 1]:
+    gemv_best, attn_best, boundary_best = "inductor", attentions[0], False
+    runs = [(1, "cublas", attentions[0], False)] + [(1, "inductor", a, False) for a in attentions]
+    runs += [(1, "inductor", attentions[0], True) for on in act_boundaries if on]
+    for b, gemv, attn, boundary in runs + [(b, None, None, None) for b in batches if b != 1]:
         if gemv is None:
-            gemv, attn = gemv_best, attn_best
+            gemv, attn, boundary = gemv_best, attn_best, boundary_best
         if b != 1 and over_budget():
             log(f"time budget spent: dense B={b} skipped")
             continue
         model.set_decode_attention_(attn)
+        model.set_act_boundary_(boundary)
         gen = Generator(model, batch_size=b, max_seq_len=max_seq, gemv=gemv)
         if b == 1 and gemv == "cublas":
             thresholds_by_s = gen.calibrate(calib, sparsities)
@@ -396,21 +406,23 @@ def main(argv=None) -> dict:
             record_error(f"dense B={b} gemv={gemv}")
             del gen
             continue
-        log(f"dense  B={b} gemv={gemv} attention={attn}: {rate:7.1f} tok/s per sequence ({detail})")
+        log(f"dense  B={b} gemv={gemv} attention={attn} act_boundary={boundary}: {rate:7.1f} tok/s per sequence "
+            f"({detail})")
         if b == 1:
-            name = gemv if attn == "reductions" else f"{gemv}+{attn}"
+            name = (gemv if attn == "reductions" else f"{gemv}+{attn}") + ("+act_boundary" if boundary else "")
             dense_variants[name] = {"tok_s": rate, "pct_of_bound": 100 * rate / bound, **detail}
             try:
                 dense_variants[name]["step_profile"] = profile_decode_step(gen, prompts[b], device)
             except Exception:
                 record_error(f"dense profile {name}")
             if rate >= dense_rate.get(1, 0.0):
-                dense_rate[1], dense_detail[1], gemv_best, attn_best = rate, detail, gemv, attn
+                dense_rate[1], dense_detail[1] = rate, detail
+                gemv_best, attn_best, boundary_best = gemv, attn, boundary
         else:
             dense_rate[b], dense_detail[b] = rate, detail
         if b == 1 and gemv == "inductor" and not args.skip_hf:
             try:
-                suffix = "" if attn == "reductions" else f"_{attn}_attention"
+                suffix = ("" if attn == "reductions" else f"_{attn}_attention") + ("_act_boundary" if boundary else "")
                 gate_dense_vs_hf(gen, model, prompts[b], tokens, gates, result, args, device,
                                  name=suffix, time_hf="hf_generate_tok_s" not in result)
                 log(f"gates so far: {json.dumps(gates, default=float)}")
@@ -421,8 +433,10 @@ def main(argv=None) -> dict:
     result["dense_tok_s"] = dense_rate[1]
     result["dense_gemv"] = gemv_best
     result["dense_attention"] = attn_best
+    result["dense_act_boundary"] = boundary_best
     model.set_decode_attention_(attn_best)
-    log(f"dense: gemv={gemv_best}, attention={attn_best}")
+    model.set_act_boundary_(boundary_best)
+    log(f"dense: gemv={gemv_best}, attention={attn_best}, act_boundary={boundary_best}")
     result["dense_pct_of_bound"] = 100 * dense_rate[1] / bound
     result["dense_variants_b1"] = dense_variants
     result["dense_by_batch"] = {str(b): r for b, r in dense_rate.items()}
@@ -473,6 +487,25 @@ def main(argv=None) -> dict:
                 except Exception:
                     record_error("sparse profile")
                 sparse_by_batch[b] = sparse_by_s[args.batch_sparsity]["tok_s"]
+                if args.pdl:  # same thresholds, sparse_gemv launched with programmatic dependent launch
+                    gen = None
+                    gc.collect()
+                    from actsparse.kernels.sparse_gemv import set_pdl_default
+
+                    set_pdl_default(True)
+                    try:
+                        gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
+                        for s in (args.batch_sparsity, max(sparsities)):
+                            model.set_thresholds_(thresholds_by_s[s])
+                            rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
+                            result.setdefault("sparse_pdl_by_s", {})[str(s)] = {
+                                "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
+                            log(f"sparse B=1 s={s} with PDL: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
+                    except Exception:
+                        record_error("sparse with PDL")
+                    finally:
+                        set_pdl_default(False)
+                        model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
             del gen
     except Exception:
         record_error("sparse engine")

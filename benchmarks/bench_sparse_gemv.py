@@ -237,12 +237,20 @@ class Problem:
         del self.w_ts, self.ws
         torch.cuda.empty_cache()
 
-    def time_sparse(self, B, s, config=None, seed=0):
+    def time_sparse(self, B, s, config=None, seed=0, accumulate=False):
         xs, thrs, kept = make_inputs(self.K, B, s, self.calls, self.dtype, seed)
-        calls = [
-            (lambda i=i: sg._sparse_gemv_impl(xs[i], self.w_ts[i % self.copies], thrs[i], config=config))
-            for i in range(self.calls)
-        ]
+        if accumulate:  # sparse_gemv_add_ into one fp32 accumulator per call
+            outs = [torch.zeros(B, self.N, dtype=torch.float32, device=DEVICE) for _ in range(self.calls)]
+            calls = [
+                (lambda i=i: sg._sparse_gemv_add_impl(outs[i], xs[i], self.w_ts[i % self.copies], thrs[i],
+                                                      config=config))
+                for i in range(self.calls)
+            ]
+        else:
+            calls = [
+                (lambda i=i: sg._sparse_gemv_impl(xs[i], self.w_ts[i % self.copies], thrs[i], config=config))
+                for i in range(self.calls)
+            ]
         us = graph_time_us(calls)
         rows = statistics.mean(kept)
         return us, rows
@@ -352,6 +360,49 @@ def run_benchmark(ceiling, quick, configs=None) -> list:
     return rows
 
 
+VARIANT_SHAPES = ("llama3-8b.qkv", "llama3-8b.o", "llama3-8b.gate_up", "llama3-8b.down",
+                  "prosparse-7b.down", "prosparse-13b.down")
+
+
+def run_variants(ceiling) -> list:
+    """B=1, default tile config, four launch forms side by side: plain, with programmatic dependent
+    launch (pdl), sparse_gemv_add_ into an fp32 accumulator (add: no workspace, counter or final
+    pass), and both. Each form is checked against the fp64 reference on these shapes first."""
+    shapes = {**SHAPES, **{k: v[0] for k, v in PROSPARSE.items()}}
+    rows = []
+    for name in VARIANT_SHAPES:
+        K, N = shapes[name]
+        prob = Problem(K, N)
+        dense = prob.time_dense(1, seed=3)
+        base = pick_config(K, N, 1)
+        forms = {"plain": (base, False), "pdl": (dataclasses.replace(base, pdl=True), False),
+                 "add": (base, True), "add_pdl": (dataclasses.replace(base, pdl=True), True)}
+        # correctness of every form on this shape (fresh input, s = 0.5)
+        xs, thrs, _ = make_inputs(K, 1, 0.5, 1, prob.dtype, seed=9)
+        ref = reference64(xs[0], prob.w_ts[0], thrs[0])
+        for form, (cfg, acc) in forms.items():
+            if acc:
+                start = torch.randn(1, N, device=DEVICE)
+                y = sg._sparse_gemv_add_impl(start.clone(), xs[0], prob.w_ts[0], thrs[0], config=cfg) - start
+            else:
+                y = sg._sparse_gemv_impl(xs[0], prob.w_ts[0], thrs[0], config=cfg)
+            err = rel_err(y, ref)
+            if not err < 1e-2:
+                raise RuntimeError(f"variant {form} on {name}: rel err {err:.2e} against the reference")
+        svals = PROSPARSE[name][1] if name in PROSPARSE else (0.0, 0.5, 0.9)
+        for s_ in svals:
+            rec = {"shape": name, "K": K, "N": N, "s": s_, "config": str(base), "dense_us": round(min(dense), 2)}
+            for form, (cfg, acc) in forms.items():
+                us, rows_read = prob.time_sparse(1, s_, config=cfg, seed=4, accumulate=acc)
+                r = row_record(name, K, N, 1, s_, us, rows_read, dense, 2, ceiling)
+                rec[form] = {k: r[k] for k in ("us", "speedup", "eff_tb_s", "pct_copy_ceiling", "union_sparsity")}
+            rows.append(rec)
+            log(f"variants {name:20s} s={s_:.2f} dense {rec['dense_us']:7.2f} us | " + "  ".join(
+                f"{f} {rec[f]['us']:6.2f} us x{rec[f]['speedup']:.2f} {rec[f]['eff_tb_s']:.2f} TB/s" for f in forms))
+        prob.free()
+    return rows
+
+
 def down_grid() -> list:
     """Compacting configs for long-K, narrow-N problems (down projections): tiles, warps and programs
     per SM, with at most 128 fp32 accumulator values per thread (the FMA path keeps a BK x BN tile)."""
@@ -403,6 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep-down", action="store_true",
                     help="only a grid sweep of down-projection shapes (ProSparse step 3), after the gate")
+    ap.add_argument("--variants", action="store_true",
+                    help="only the launch-form comparison (plain / pdl / add / add+pdl) at B=1, after the gate")
     ap.add_argument("--save-choice", default=None,
                     help="with --sweep: write the chosen configs here (for sparse_gemv.load_tuned_configs)")
     args = ap.parse_args(argv)
@@ -429,6 +482,16 @@ def main(argv=None) -> int:
     ceiling = copy_ceiling_tb_s()
     doc["copy_ceiling"] = ceiling
     log(f"copy ceiling: {ceiling['tb_s']:.3f} TB/s (read+write)")
+    if args.variants:
+        doc["variants"] = run_variants(ceiling["tb_s"])
+        doc["elapsed_s"] = round(time.time() - t0, 1)
+        save_json(doc, args.out)
+        if os.environ.get("OUT"):
+            save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
+        print_json_last({"benchmark": "sparse_gemv variants", "date": doc["date"], "commit": doc["commit"],
+                         "rows": [[r["shape"], r["s"], r["dense_us"]] + [r[f]["us"] for f in
+                                  ("plain", "pdl", "add", "add_pdl")] for r in doc["variants"]]})
+        return 0
     if args.sweep_down:
         doc["sweep_down"] = run_sweep_down()
         doc["elapsed_s"] = round(time.time() - t0, 1)

@@ -197,14 +197,52 @@ def bench_b2b_us(fns, smoke: bool) -> float:
     return ms * 1e3 / len(fns)
 
 
-def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke, copies=8):
+def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke, copies=8,
+                           failures=None):
+    """Back-to-back timing of steps 2 and 3 and of the whole MLP. Step 3 comes in four forms:
+    ``sparse_gemv`` (y = h W_down^T), ``sparse_gemv_add_`` (r += h W_down^T into an fp32 residual:
+    no workspace, counter or final pass), each with and without programmatic dependent launch.
+    The dense baselines do less: cuBLAS without the residual add. Each sparse form is checked
+    against the fp64 product on these inputs before it is timed (failures go to ``failures``)."""
+    import dataclasses
+
+    from actsparse.kernels import sparse_gemv as sg
+
     rows = []
     for name in shapes:
         base = mlps[name]
         reps = [base] + [{k: v.clone() for k, v in base.items()} for _ in range(copies - 1)]
+        d_ff, d_model = base["w_down_t"].shape
+        cfg = sg.pick_config(d_ff, d_model, 1)
+        cfg_pdl = dataclasses.replace(cfg, pdl=True)
         for sparsity in (0.67, 0.89):
             x, thr, row_mask, ref, active = problem(name, "relu", sparsity, True)
             hs = [sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps]
+            rs = [torch.zeros(1, d_model, dtype=torch.float32, device=x.device) for _ in reps]
+            exact = (hs[0].double() @ base["w_down_t"].double()).float()
+            for label, fn in (
+                ("step3", lambda c: sg._sparse_gemv_impl(hs[0], base["w_down_t"], None, config=c).float()),
+                ("step3_add", lambda c: sg._sparse_gemv_add_impl(
+                    torch.ones_like(rs[0]), hs[0], base["w_down_t"], None, config=c) - 1),
+            ):
+                for c in (cfg, cfg_pdl):
+                    err = ((fn(c) - exact).norm() / exact.norm()).item()
+                    if not err < 1e-2 and failures is not None:
+                        failures.append(f"b2b {name} s={sparsity} {label} {c}: rel err {err:.2e}")
+
+            def step3(c, add):
+                if add:
+                    return [lambda m=m, h=h, r=r: sg._sparse_gemv_add_impl(r, h, m["w_down_t"], None, config=c)
+                            for m, h, r in zip(reps, hs, rs)]
+                return [lambda m=m, h=h: sg._sparse_gemv_impl(h, m["w_down_t"], None, config=c)
+                        for m, h in zip(reps, hs)]
+
+            def whole_sparse(c):
+                def run(m, r):
+                    h = sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask)
+                    sg._sparse_gemv_add_impl(r, h, m["w_down_t"], None, config=c)
+                return [lambda m=m, r=r: run(m, r) for m, r in zip(reps, rs)]
+
             us = {
                 "dense_step2": bench_b2b_us([lambda m=m: dense_step2(x, m, "relu") for m in reps], smoke),
                 "dense_step2_gemv_only": bench_b2b_us([lambda m=m: F.linear(x, m["w_gate_up"]) for m in reps], smoke),
@@ -213,15 +251,26 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                 "sparse_step2_nomask": bench_b2b_us(
                     [lambda m=m: sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu") for m in reps], smoke),
                 "dense_step3": bench_b2b_us([lambda m=m, h=h: F.linear(h, m["w_down"]) for m, h in zip(reps, hs)], smoke),
-                "sparse_step3": bench_b2b_us(
-                    [lambda m=m, h=h: sparse_gemv(h, m["w_down_t"], None) for m, h in zip(reps, hs)], smoke),
+                "sparse_step3": bench_b2b_us(step3(cfg, False), smoke),
+                "sparse_step3_pdl": bench_b2b_us(step3(cfg_pdl, False), smoke),
+                "sparse_step3_add": bench_b2b_us(step3(cfg, True), smoke),
+                "sparse_step3_add_pdl": bench_b2b_us(step3(cfg_pdl, True), smoke),
+                "dense_mlp": bench_b2b_us(
+                    [lambda m=m: F.linear(dense_step2(x, m, "relu"), m["w_down"]) for m in reps], smoke),
+                "sparse_mlp_add": bench_b2b_us(whole_sparse(cfg), smoke),
+                "sparse_mlp_add_pdl": bench_b2b_us(whole_sparse(cfg_pdl), smoke),
             }
             row = {"shape": name, "sparsity_actual": 1 - int(active.sum()) / active.numel(), "copies": copies,
-                   "us": us,
+                   "step3_config": str(cfg), "us": us,
                    "speedup": {"step2_mask": us["dense_step2"] / us["sparse_step2_mask"],
                                "step2_mask_vs_gemv_only": us["dense_step2_gemv_only"] / us["sparse_step2_mask"],
                                "step2_nomask": us["dense_step2"] / us["sparse_step2_nomask"],
-                               "step3": us["dense_step3"] / us["sparse_step3"]}}
+                               "step3": us["dense_step3"] / us["sparse_step3"],
+                               "step3_pdl": us["dense_step3"] / us["sparse_step3_pdl"],
+                               "step3_add": us["dense_step3"] / us["sparse_step3_add"],
+                               "step3_add_pdl": us["dense_step3"] / us["sparse_step3_add_pdl"],
+                               "mlp_add": us["dense_mlp"] / us["sparse_mlp_add"],
+                               "mlp_add_pdl": us["dense_mlp"] / us["sparse_mlp_add_pdl"]}}
             rows.append(row)
             print(f"b2b {name} s={row['sparsity_actual']:.3f}: " + " ".join(f"{k}={v:.1f}" for k, v in us.items())
                   + " | " + " ".join(f"{k}={v:.2f}x" for k, v in row["speedup"].items()))
@@ -552,7 +601,7 @@ def main(argv=None) -> int:
     # ---------------- (a') back-to-back calls on weight copies (opt-in) ----------------
     if args.b2b:
         results["prosparse_back_to_back"] = prosparse_back_to_back(
-            mlps, prosparse_shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke)
+            mlps, prosparse_shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke, failures=failures)
 
     if failures:  # checks made next to the timings (fresh inputs per row)
         print("GATE FAILED after timing, results withheld:", failures)
@@ -578,6 +627,9 @@ def main(argv=None) -> int:
         "llama3_8b": [{"s": round(r["sparsity_actual"], 2), "x": round(r["speedup"], 2),
                        "gbps": round(r["gbps"], 0)} for r in llama3],
         "batch": [{"B": r["batch"], "x": round(r["speedup_default"], 2)} for r in batch_rows],
+        "b2b": [{"shape": r["shape"], "s": round(r["sparsity_actual"], 3),
+                 **{k: round(v, 2) for k, v in r["speedup"].items()}}
+                for r in results.get("prosparse_back_to_back", [])],
     }
     print(json.dumps(summary))
     return 0

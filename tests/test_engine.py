@@ -348,3 +348,38 @@ def test_relufied_model_runs_with_its_fatrelu_thresholds(family, tmp_path):
     save_relufied(hf, hf_byte_tokenizer(), tmp_path / "norm")
     with pytest.raises(ActsparseError, match="relu_after_norm"):
         load_hf(tmp_path / "norm", device="cpu", dtype=torch.float32)
+
+
+def test_act_boundary_splits_the_compiled_block_and_keeps_logits():
+    """set_act_boundary_: a graph break between act(gate) * up and the down projection when
+    compiled (counted by dynamo), the same logits, and a different graph key."""
+    import torch._dynamo
+
+    model = random_model("tiny-llama", device="cpu", dtype=torch.float32, seed=3)
+    ids = torch.randint(0, model.args.vocab_size, (1, 9))
+    ref = engine_logits(model, ids, prompt_len=5)
+
+    def compiled_logits():
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        fn = torch.compile(lambda block, *a: block(*a), backend="eager")
+        model.setup_caches(1, 64)
+        with torch.no_grad():
+            x = model.tok_embeddings(ids)
+            pos = torch.arange(ids.shape[1])
+            cos, sin, mask = model.rope_cos[pos], model.rope_sin[pos], model.causal_mask[pos]
+            for layer in model.layers:
+                x = fn(layer, x, cos, sin, mask, pos)
+            out = model.output(model.norm(x))
+        return out, sum(torch._dynamo.utils.counters["graph_break"].values())
+
+    key = model.sparse_key()
+    plain, breaks_plain = compiled_logits()
+    model.set_act_boundary_(True)
+    assert model.sparse_key() != key
+    split, breaks_split = compiled_logits()
+    model.set_act_boundary_(False)
+    assert breaks_split > breaks_plain
+    full = engine_logits(model, ids, prompt_len=ids.shape[1])
+    assert rel_err(plain, full) < 1e-5 and rel_err(split, full) < 1e-5
+    assert rel_err(ref[:, -1], full[:, -1]) < 1e-4  # prefill+decode vs one prefill: same model

@@ -18,6 +18,8 @@ from actsparse.kernels.sparse_gemv import (
     GemvConfig,
     pick_config,
     sparse_gemv,
+    sparse_gemv_add_,
+    sparse_gemv_add_reference,
     sparse_gemv_reference,
 )
 
@@ -244,3 +246,61 @@ def test_tuned_configs(tmp_path):
     finally:
         sg.set_tuned_configs()
     assert pick_config(4096, 4096, 1).compact
+
+
+ADD_CASES = [  # (K, N, B, sparsity%, dtype, config): odd shapes, split-K and single-split programs
+    (193, 333, 1, 50, torch.bfloat16, None),
+    (577, 1001, 1, 90, torch.float16, None),
+    (577, 1001, 3, 50, torch.bfloat16, None),
+    (300, 200, 8, 70, torch.float32, None),
+    (300, 200, 1, 0, torch.bfloat16, GemvConfig(512, 256, compact=True)),  # one split
+    (300, 200, 4, 50, torch.float16, GemvConfig(32, 64, num_stages=2)),  # pipelined variant
+    (300, 200, 1, 50, torch.bfloat16, GemvConfig(32, 128, num_warps=2)),  # register variant
+    (300, 200, 1, 100, torch.bfloat16, None),  # nothing kept: out unchanged
+]
+
+
+@pytest.mark.parametrize("K,N,B,s,dtype,config", ADD_CASES,
+                         ids=[f"K{c[0]}-N{c[1]}-B{c[2]}-s{c[3]}-{DTYPE_NAME[c[4]]}-{c[5] or 'default'}"
+                              for c in ADD_CASES])
+def test_add_matches_reference(K, N, B, s, dtype, config):
+    """sparse_gemv_add_: out (fp32) += masked(x) @ w_t, on top of what out already holds."""
+    x, w_t, thresholds = make_case(K, N, B, s / 100, dtype, seed=hash((K, N, B, s, 1)) % 2**31)
+    start = torch.randn(B, N, generator=torch.Generator().manual_seed(K + N + B))
+    out = start.clone()
+    sg._sparse_gemv_add_impl(out, x, w_t, thresholds, config=config)
+    ref = start + exact(x, w_t, thresholds)
+    # relative to the size of the product itself, not of start (which would hide a wrong product)
+    err = ((out - ref).norm() / exact(x, w_t, thresholds).norm().clamp_min(1e-30)).item()
+    if s == 100:
+        assert torch.equal(out, start)
+    else:
+        assert err < (1e-5 if dtype == torch.float32 else 2e-3), err
+    assert torch.allclose(sparse_gemv_add_reference(start.clone(), x, w_t, thresholds), ref, atol=1e-4)
+
+
+def test_add_custom_op_vector_batch_fallback_and_errors():
+    x, w_t, thresholds = make_case(130, 70, 1, 0.5, torch.bfloat16, seed=23)
+    out = torch.ones(70)
+    assert sparse_gemv_add_(out, x[0], w_t, thresholds) is out  # [K] input, [N] accumulator
+    assert torch.allclose(out, 1 + exact(x, w_t, thresholds)[0], atol=1e-3)
+    xb, w_t, thresholds = make_case(130, 70, 11, 0.5, torch.bfloat16, seed=29)  # B > 8: dense fallback
+    outb = torch.zeros(11, 70)
+    torch.ops.actsparse.sparse_gemv_add_(outb, xb, w_t, thresholds)
+    assert torch.allclose(outb, exact(xb, w_t, thresholds), atol=1e-3)
+    with pytest.raises(TypeError, match="float32"):
+        sparse_gemv_add_(torch.zeros(1, 70, dtype=torch.bfloat16), x, w_t, thresholds)
+    with pytest.raises(ValueError, match="shape"):
+        sparse_gemv_add_(torch.zeros(2, 70), x, w_t, thresholds)
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_gemv_add_(torch.zeros(1, 140)[:, ::2], x, w_t, thresholds)
+
+
+def test_pdl_flag_is_inert_off_hopper():
+    """GemvConfig(pdl=True) only changes the launch on a Hopper-or-newer GPU; here (the CPU
+    interpreter) it runs the plain kernel and gives the same result."""
+    assert "pdl" in str(GemvConfig(64, 128, compact=True, pdl=True))
+    assert not sg._pdl_supported(torch.device("cpu"))
+    x, w_t, thresholds = make_case(300, 200, 1, 0.5, torch.bfloat16, seed=31)
+    y = run_poisoned(x, w_t, thresholds, config=GemvConfig(64, 128, compact=True, pdl=True))
+    assert rel_err(y, exact(x, w_t, thresholds)) < TOL[torch.bfloat16]

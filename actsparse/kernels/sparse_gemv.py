@@ -90,7 +90,10 @@ def _sparse_gemv_kernel(
     BLOCK_N: tl.constexpr,
     STEPS: tl.constexpr,  # power of two: program (n, k) owns rows [k, k + 1) * STEPS * BLOCK_K
     NUM_STAGES: tl.constexpr,  # 1: register variant; > 1: cp.async pipeline this deep
+    ACCUMULATE: tl.constexpr = False,  # y (fp32) += the product (sparse_gemv_add_)
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (see _pdl_prologue)
 ):
+    _pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,17 +215,32 @@ def _sparse_gemv_kernel(
         if not USE_DOT:
             acc = tl.sum(acc_2d, axis=0)[None, :]  # [1, BLOCK_N]
 
-    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT)
+    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE)
+
+
+@triton.jit
+def _pdl_prologue(USE_PDL: tl.constexpr):
+    """Programmatic dependent launch (Hopper+): the launch may start this grid while the previous
+    kernel of the stream is still running, to hide the launch latency. Every memory access of
+    this kernel comes after the wait (x may be that kernel's output; the workspace, counters
+    and index scratch are shared between calls); once it returns, the next PDL launch may start."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N,
-             SINGLE_SPLIT: tl.constexpr):
+             SINGLE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr = False):
     """Epilogue shared by both kernels: store acc [B_PAD, BLOCK_N] into y (one split), or add it
-    into the fp32 workspace; the last program of a column tile publishes the sum and re-zeroes."""
+    into the fp32 workspace; the last program of a column tile publishes the sum and re-zeroes.
+    ACCUMULATE (``sparse_gemv_add_``): y is fp32 and every program adds its partial sum into it
+    directly: no workspace, no arrival counter, no last-program pass."""
     out_offs = offs_b[:, None] * N + offs_n[None, :]
     out_mask = b_mask[:, None] & n_mask[None, :]
-    if SINGLE_SPLIT:
+    if ACCUMULATE:
+        tl.atomic_add(y_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
+    elif SINGLE_SPLIT:
         tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.atomic_add(acc_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
@@ -294,10 +312,13 @@ def _sparse_gemv_compact_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,  # power of two: rows scanned per step of the compaction pass
     STATIC_LOOP: tl.constexpr,  # loop over all ROWS instead of the kept count (CPU interpreter)
+    ACCUMULATE: tl.constexpr = False,  # y (fp32) += the product (sparse_gemv_add_)
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (see _pdl_prologue)
 ):
     """Compacting variant: each program first lists the kept rows of its K range (threshold test,
     prefix sum, indices stored to a scratch slice), then streams only those rows in full
     BLOCK_K-row tiles. Steps, and bytes in flight per step, no longer depend on the sparsity."""
+    _pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -354,7 +375,7 @@ def _sparse_gemv_compact_kernel(
                                           HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K)
     if not USE_DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
-    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT)
+    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE)
 
 
 @dataclass(frozen=True)
@@ -371,6 +392,7 @@ class GemvConfig:
     max_steps: int = 64  # cap on STEPS (the pipelined variant keeps STEPS*BLOCK_K x values)
     use_dot: Optional[bool] = None  # tl.dot for B == 1 too if True; B > 1 always uses tl.dot
     compact: bool = False  # list the kept rows first, then stream full tiles of them
+    pdl: bool = False  # programmatic dependent launch on Hopper+ (ignored elsewhere)
 
     def __post_init__(self):
         for name in ("block_k", "block_n", "max_steps"):
@@ -388,7 +410,7 @@ class GemvConfig:
     def __str__(self) -> str:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
         return (f"{'c-' if self.compact else ''}bk{self.block_k}-bn{self.block_n}-st{self.num_stages}"
-                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}")
+                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-pdl' if self.pdl else ''}")
 
 
 def _next_pow2(n: int) -> int:
@@ -431,7 +453,22 @@ def _clamped(config: GemvConfig, K: int, N: int) -> GemvConfig:
     )
 
 
+_PDL_DEFAULT = [os.environ.get("ACTSPARSE_GEMV_PDL", "0") == "1"]
+
+
+def set_pdl_default(on: bool) -> None:
+    """Launch every config that pick_config returns with programmatic dependent launch (Hopper+;
+    inert elsewhere). Also set by ACTSPARSE_GEMV_PDL=1. Captured CUDA graphs keep the launch
+    form they were captured with."""
+    _PDL_DEFAULT[0] = bool(on)
+
+
 def pick_config(K: int, N: int, B: int) -> GemvConfig:
+    config = _pick_config(K, N, B)
+    return dataclasses.replace(config, pdl=True) if _PDL_DEFAULT[0] else config
+
+
+def _pick_config(K: int, N: int, B: int) -> GemvConfig:
     """Tile config for a (K, N, B) problem, with the tile clamped for small K or N. No per-model
     table: one rule for every shape (or the configs given to set_tuned_configs).
 
@@ -519,6 +556,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a Hopper-or-newer GPU (not the CPU interpreter)."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
@@ -580,6 +630,7 @@ def _launch(
     config: GemvConfig,
     persistent_workspace: bool,
     out: Optional[torch.Tensor] = None,  # [B, N] contiguous, x.dtype (tests pass a NaN-filled one)
+    accumulate: bool = False,  # out (fp32, required) += the product; no workspace, no counters
 ) -> torch.Tensor:
     B, K = x.shape
     N = w_t.shape[1]
@@ -591,10 +642,10 @@ def _launch(
     single_split = grid_k == 1
     idx_numel = grid_k * steps * config.block_k if config.compact else 1
     if persistent_workspace:
-        acc, counts, idx = _cached_workspace(x.device, B * N, grid_n, idx_numel)
+        acc, counts, idx = _cached_workspace(x.device, 1 if accumulate else B * N, grid_n, idx_numel)
     else:
         idx = torch.empty(idx_numel, dtype=torch.int32, device=x.device)
-        if single_split:  # the kernel stores y directly and never touches these
+        if single_split or accumulate:  # the kernel never touches these
             acc = torch.empty(1, dtype=torch.float32, device=x.device)
             counts = torch.empty(1, dtype=torch.int32, device=x.device)
         else:
@@ -610,8 +661,11 @@ def _launch(
         SINGLE_SPLIT=single_split,
         BLOCK_K=config.block_k,
         BLOCK_N=config.block_n,
+        ACCUMULATE=accumulate,
         num_warps=config.num_warps,
     )
+    if config.pdl and _pdl_supported(x.device):
+        common.update(USE_PDL=True, launch_pdl=True)
     if config.compact:
         rows = steps * config.block_k
         wrap_triton(_sparse_gemv_compact_kernel)[(grid_n, grid_k)](
@@ -689,6 +743,80 @@ def sparse_gemv(
     larger batches a masked dense matmul. Runs as ``torch.ops.actsparse.sparse_gemv``.
     """
     return torch.ops.actsparse.sparse_gemv(x, w_t, thresholds)
+
+
+def _check_accumulator(out: torch.Tensor, x: torch.Tensor, N: int) -> None:
+    expected = (N,) if x.dim() == 1 else (x.shape[0], N)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
+        raise TypeError("sparse_gemv_add_: out must be a float32 tensor (the fp32 accumulator)")
+    if tuple(out.shape) != expected:
+        raise ValueError(f"sparse_gemv_add_: out must have shape {expected}, got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("sparse_gemv_add_: out must be contiguous")
+    if out.device != x.device:
+        raise ValueError(f"sparse_gemv_add_: out is on {out.device} but x is on {x.device}")
+
+
+def _sparse_gemv_add_impl(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: Optional[torch.Tensor],
+    config: Optional[GemvConfig] = None,
+    persistent_workspace: Optional[bool] = None,
+) -> torch.Tensor:
+    """sparse_gemv_add_ without the custom-op wrapper (config for tests and benchmarks)."""
+    _check_inputs(x, w_t, thresholds)
+    _check_accumulator(out, x, w_t.shape[1])
+    x2d = x.unsqueeze(0) if x.dim() == 1 else x
+    B, K = x2d.shape
+    N = w_t.shape[1]
+    if B == 0 or N == 0 or K == 0:
+        return out
+    if B > MAX_KERNEL_BATCH:
+        thr = 0.0 if thresholds is None else thresholds
+        x_kept = torch.where(x2d.abs() > thr, x2d, torch.zeros_like(x2d))
+        out.view(B, N).add_(x_kept.float() @ w_t.float())
+        return out
+    if persistent_workspace is None:
+        persistent_workspace = type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    _launch(x2d, w_t, thresholds, config or pick_config(K, N, B), persistent_workspace, out.view(B, N),
+            accumulate=True)
+    return out
+
+
+@triton_op("actsparse::sparse_gemv_add_", mutates_args=("out",))
+def _sparse_gemv_add_op(
+    out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor]
+) -> None:
+    _sparse_gemv_add_impl(out, x, w_t, thresholds)
+
+
+def sparse_gemv_add_(
+    out: torch.Tensor,  # [B, N] (or [N]) fp32, contiguous: accumulated into
+    x: torch.Tensor,  # [B, K] or [K], bf16/fp16/fp32
+    w_t: torch.Tensor,  # [K, N], x.dtype, contiguous
+    thresholds: Optional[torch.Tensor] = None,  # [K] fp32; None keeps every nonzero input
+) -> torch.Tensor:
+    """out += (x * (|x| > thresholds)) @ w_t, in fp32, skipping unused weight rows; returns out.
+
+    The fused-residual form of ``sparse_gemv`` (e.g. ``residual += down_proj(h)`` with an fp32
+    residual stream): each program adds its split-K partial sum into ``out`` with fp32 atomics,
+    so the call needs no workspace, no arrival counter and no final pass, which shortens the
+    per-call chain that dominates at high sparsity. Summation order varies from run to run.
+    """
+    torch.ops.actsparse.sparse_gemv_add_(out, x, w_t, thresholds)
+    return out
+
+
+def sparse_gemv_add_reference(
+    out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Pure-PyTorch semantics of sparse_gemv_add_: out += masked(x) @ w_t in fp32."""
+    _check_accumulator(out, x, w_t.shape[1])
+    x32 = x.float()
+    thr = 0.0 if thresholds is None else thresholds.float()
+    return out.add_(torch.where(x32.abs() > thr, x32, torch.zeros_like(x32)) @ w_t.float())
 
 
 def sparse_gemv_reference(
