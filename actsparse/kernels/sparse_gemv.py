@@ -90,8 +90,8 @@ def _sparse_gemv_kernel(
     BLOCK_N: tl.constexpr,
     STEPS: tl.constexpr,  # power of two: program (n, k) owns rows [k, k + 1) * STEPS * BLOCK_K
     NUM_STAGES: tl.constexpr,  # 1: register variant; > 1: cp.async pipeline this deep
-    ACCUMULATE: tl.constexpr = False,  # y (fp32) += the product (sparse_gemv_add_)
-    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (see _pdl_prologue)
+    ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
 ):
     _pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
@@ -231,7 +231,7 @@ def _pdl_prologue(USE_PDL: tl.constexpr):
 
 @triton.jit
 def _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N,
-             SINGLE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr = False):
+             SINGLE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Epilogue shared by both kernels: store acc [B_PAD, BLOCK_N] into y (one split), or add it
     into the fp32 workspace; the last program of a column tile publishes the sum and re-zeroes.
     ACCUMULATE (``sparse_gemv_add_``): y is fp32 and every program adds its partial sum into it
@@ -312,8 +312,8 @@ def _sparse_gemv_compact_kernel(
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,  # power of two: rows scanned per step of the compaction pass
     STATIC_LOOP: tl.constexpr,  # loop over all ROWS instead of the kept count (CPU interpreter)
-    ACCUMULATE: tl.constexpr = False,  # y (fp32) += the product (sparse_gemv_add_)
-    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (see _pdl_prologue)
+    ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
 ):
     """Compacting variant: each program first lists the kept rows of its K range (threshold test,
     prefix sum, indices stored to a scratch slice), then streams only those rows in full
@@ -662,6 +662,7 @@ def _launch(
         BLOCK_K=config.block_k,
         BLOCK_N=config.block_n,
         ACCUMULATE=accumulate,
+        USE_PDL=False,
         num_warps=config.num_warps,
     )
     if config.pdl and _pdl_supported(x.device):
@@ -672,7 +673,7 @@ def _launch(
             x, w_t, thresholds if thresholds is not None else x, y, acc, counts, idx,
             B, K, N, x.stride(0),
             ROWS=rows,
-            CHUNK=min(512, _next_pow2(rows)),
+            CHUNK=min(2048, _next_pow2(rows)),  # one compaction step for ranges up to 2048 rows
             STATIC_LOOP=_interpreting(),
             **common,
         )
