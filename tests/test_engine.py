@@ -373,13 +373,42 @@ def test_act_boundary_splits_the_compiled_block_and_keeps_logits():
             out = model.output(model.norm(x))
         return out, sum(torch._dynamo.utils.counters["graph_break"].values())
 
+    assert model.layers[0].feed_forward.act_boundary  # the default
+    model.set_act_boundary_(False)
     key = model.sparse_key()
     plain, breaks_plain = compiled_logits()
     model.set_act_boundary_(True)
     assert model.sparse_key() != key
     split, breaks_split = compiled_logits()
-    model.set_act_boundary_(False)
     assert breaks_split > breaks_plain
     full = engine_logits(model, ids, prompt_len=ids.shape[1])
     assert rel_err(plain, full) < 1e-5 and rel_err(split, full) < 1e-5
     assert rel_err(ref[:, -1], full[:, -1]) < 1e-4  # prefill+decode vs one prefill: same model
+
+
+def test_sparsify_relu_down_skips_zero_rows_and_keeps_logits():
+    """ReLU MLP with FATReLU thresholds: the down projection reads only rows of nonzero h (zero
+    thresholds, skip_zeros) and the logits stay those of the dense model, on both backends."""
+    pytest.importorskip("triton")
+    args = ModelArgs.from_hf_config({**NAMED_CONFIGS["tiny-llama"], "hidden_act": "relu"})
+    model = random_model(args, device="cpu", dtype=torch.float32, seed=5, std=0.2)
+    for layer in model.layers:
+        layer.feed_forward.set_act_threshold_(0.05)
+    ids = torch.randint(0, args.vocab_size, (2, PROMPT_LEN + 3), generator=torch.Generator().manual_seed(2))
+    ref = engine_logits(model, ids)
+    gen = Generator(model, batch_size=2, max_seq_len=64)
+    h = gen._record_inputs(ids)["layers.0.feed_forward.w2"]
+    assert (h == 0).float().mean() > 0.5  # the rows the sparse path skips
+    key = model.sparse_key()
+    model.sparsify_relu_down_(backend="torch")
+    w2 = model.layers[0].feed_forward.w2
+    assert w2.sparse and not w2.keeps_all and w2.weight_t is not None and model.sparse_key() != key
+    assert not model.layers[0].feed_forward.w13.sparse and model.backend() == "torch"
+    assert rel_err(engine_logits(model, ids), ref) < 1e-5
+    for layer in model.layers:
+        layer.feed_forward.w2.backend = "triton"
+    assert rel_err(engine_logits(model, ids), ref) < 1e-5
+    assert rel_err(engine_logits(model, ids[:1]), ref[:1]) < 1e-5  # batch 1: the FMA path
+    silu = random_model("tiny-llama", device="cpu", dtype=torch.float32)
+    with pytest.raises(ActsparseError, match="ReLU"):
+        silu.sparsify_relu_down_()

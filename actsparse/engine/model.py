@@ -220,6 +220,7 @@ class Linear(nn.Module):
         self.backend = "dense"
         self.prefill_dense = False  # sparse mode: keep multi-token (prompt) inputs dense
         self.keeps_all = True  # sparse mode: every threshold <= 0 (dense layout, dense path)
+        self.skip_zeros = False  # sparse mode: zero thresholds still take the sparse path (ReLU inputs)
         self.layout_epoch = 0  # changes whenever the weight tensor is replaced by a re-layout
         self.record: list | None = None  # calibration/statistics: inputs are appended here when set
         self.record_io: list | None = None  # checks: (x [M, K], y [M, N]) of each sparse call when set
@@ -234,11 +235,13 @@ class Linear(nn.Module):
         return w.numel() * w.element_size()
 
     @torch.no_grad()
-    def sparsify_(self, thresholds: torch.Tensor, backend: str) -> None:
+    def sparsify_(self, thresholds: torch.Tensor | None, backend: str, skip_zeros: bool = False) -> None:
         """Switch to sparse mode and keep ``thresholds`` [K] in a buffer (weight re-laid as [K, N]
-        unless every threshold is <= 0)."""
+        unless every threshold is <= 0). ``skip_zeros``: take the sparse path even with zero
+        thresholds, for inputs that are exactly zero by construction (a ReLU MLP's down input)."""
         if backend not in ("torch", "triton"):
             raise ActsparseError(f"unknown sparse backend '{backend}' (choose torch or triton)")
+        self.skip_zeros = bool(skip_zeros)
         if not self.sparse:
             w = self.weight if self.weight is not None else self.weight_t
             self.thresholds = torch.zeros(self.in_features, dtype=torch.float32, device=w.device)
@@ -261,7 +264,7 @@ class Linear(nn.Module):
             self.thresholds.copy_(thresholds)
         # All thresholds <= 0 keep every nonzero input: the dense product is the same sum, and the
         # dense path (cuBLAS or Inductor's tuned GEMV on the [N, K] weight) is the fastest way to it.
-        self.keeps_all = bool((self.thresholds <= 0).all())
+        self.keeps_all = bool((self.thresholds <= 0).all()) and not self.skip_zeros
         self._relayout_(transposed=not self.keeps_all)
 
     def _relayout_(self, transposed: bool) -> None:
@@ -446,7 +449,7 @@ class FeedForward(nn.Module):
         # A Python float, so compiled decode steps treat it as a constant.
         self.act_threshold = 0.0
         # End the compiled region after act(gate) * up (see Transformer.set_act_boundary_).
-        self.act_boundary = False
+        self.act_boundary = True
         self.w13 = Linear(args.dim, 2 * args.intermediate_size, args.mlp_bias, device, dtype)  # gate; up
         self.w2 = Linear(args.intermediate_size, args.dim, args.mlp_bias, device, dtype)  # down
 
@@ -550,7 +553,8 @@ class Transformer(nn.Module):
         return any(lin.sparse for _, lin, _ in self.block_linears())
 
     def backend(self) -> str:
-        return self.layers[0].attention.wqkv.backend
+        """The sparse linears' backend ("torch" / "triton"), or "dense" if none is sparse."""
+        return next((lin.backend for _, lin, _ in self.block_linears() if lin.sparse), "dense")
 
     def sparse_key(self) -> tuple:
         """What a captured decode graph depends on besides buffer contents."""
@@ -609,6 +613,19 @@ class Transformer(nn.Module):
             backend = "triton" if self.device.type == "cuda" else "torch"
         for name, linear, hf_names in self.block_linears():
             linear.sparsify_(_site_thresholds(thresholds, hf_names, linear.in_features), backend)
+        return self
+
+    @torch.no_grad()
+    def sparsify_relu_down_(self, backend: str = "auto") -> "Transformer":
+        """ProSparse's step 3 for a ReLU MLP: ``h = relu(gate) * up`` (FATReLU: gate > T) is exactly
+        zero wherever the activation cuts, so every down projection skips those weight rows with
+        zero thresholds (nothing to calibrate, the same function). Other linears stay as they are."""
+        if self.args.hidden_act != "relu":
+            raise ActsparseError(f"sparsify_relu_down_ needs a ReLU MLP, this model uses {self.args.hidden_act}")
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        for layer in self.layers:
+            layer.feed_forward.w2.sparsify_(None, backend, skip_zeros=True)
         return self
 
     @torch.no_grad()
