@@ -168,7 +168,7 @@ def gate_dense_vs_hf(gen, model, prompt, tokens, gates, result, args, device, na
 
 
 @torch.no_grad()
-def gate_sparse(gen, model, prompt, calib_prompt, gates, device) -> None:
+def gate_sparse(gen, model, prompt, calib_prompt, gates, device, suffix: str = "") -> None:
     """The sparse kernels inside the engine vs the pure-PyTorch reference with the same thresholds:
     every linear on real inputs (no error propagation), then a whole graph decode step."""
     from actsparse.kernels.sparse_gemv import sparse_gemv, sparse_gemv_reference
@@ -183,7 +183,8 @@ def gate_sparse(gen, model, prompt, calib_prompt, gates, device) -> None:
             key = f"{name.rsplit('.', 1)[-1]}-B{rows.shape[0]}"
             by_kind[key] = max(by_kind.get(key, 0.0), err)
             worst = max(worst, err)
-    gates["sparse_gemv_every_linear_vs_reference"] = {"rel_err": worst, "limit": 1e-2, "worst_by_linear": by_kind}
+    gates["sparse_gemv_every_linear_vs_reference" + suffix] = {"rel_err": worst, "limit": 1e-2,
+                                                                "worst_by_linear": by_kind}
     # Inside the real decode step (compiled glue): every sparse linear's output against the
     # reference on the very input it received. Whole-step logits are only reported: Inductor's
     # fused glue rounds bf16 differently from eager glue, and thresholds turn those 1-ulp
@@ -209,7 +210,7 @@ def gate_sparse(gen, model, prompt, calib_prompt, gates, device) -> None:
         ref_eager_glue = decode_step_logits(gen, prompt)
     finally:
         model.set_backend_(backend)
-    gates["sparse_linears_in_compiled_decode_vs_reference"] = {
+    gates["sparse_linears_in_compiled_decode_vs_reference" + suffix] = {
         "rel_err": worst, "limit": 1e-2, "calls": n_calls,
         "info_step_logits_vs_eager_glue": rel_err(ours, ref_eager_glue)}
 
@@ -311,6 +312,8 @@ def main(argv=None) -> dict:
                    help="decode-attention modes to time at B=1 (the fastest is used afterwards)")
     p.add_argument("--act-boundary", default="off,on",
                    help="'on' adds a B=1 Inductor run with Transformer.set_act_boundary_ (first attention mode)")
+    p.add_argument("--fused-residual", action="store_true",
+                   help="also time sparse B=1 at every sparsity with Transformer.set_fused_residual_")
     p.add_argument("--pdl", action="store_true",
                    help="also time sparse B=1 at the batch sparsity and the highest one with sparse_gemv "
                         "launched with programmatic dependent launch")
@@ -487,6 +490,27 @@ def main(argv=None) -> dict:
                 except Exception:
                     record_error("sparse profile")
                 sparse_by_batch[b] = sparse_by_s[args.batch_sparsity]["tok_s"]
+                if args.fused_residual:  # every sparsity again with the fp32 fused residual stream
+                    gen = None
+                    gc.collect()
+                    model.set_fused_residual_(True)
+                    try:
+                        gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
+                        model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
+                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_fused_residual")
+                        for s in sparsities:
+                            model.set_thresholds_(thresholds_by_s[s])
+                            rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
+                            result.setdefault("sparse_fused_residual_by_s", {})[str(s)] = {
+                                "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
+                            log(f"sparse B=1 s={s} fused residual: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
+                        model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
+                        result["sparse_fused_residual_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
+                    except Exception:
+                        record_error("sparse with fused residual")
+                    finally:
+                        model.set_fused_residual_(False)
+                        model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
                 if args.pdl:  # same thresholds, sparse_gemv launched with programmatic dependent launch
                     gen = None
                     gc.collect()

@@ -1,17 +1,20 @@
-"""Benchmark: batch-1 decode of a ReLU (ProSparse-style) model in the engine, dense vs a down
-projection that skips the zero rows of h (``Transformer.sparsify_relu_down_``, ProSparse's step 3).
+"""Benchmark: batch-1 decode of a ReLU (ProSparse-style) model in the engine: dense, vs ProSparse's
+step 3 alone (the down projection skips the zero rows of h), vs steps 2 and 3
+(``Transformer.sparsify_relu_``: sparse_gate_up reads the up rows of kept neurons only), vs the
+same with an fp32 residual stream the down products are added into (``set_fused_residual_``).
 
 A random-weight model of a named shape with a ReLU MLP gets per-layer FATReLU thresholds at the
 s-quantile of its own gate values (384 calibration tokens), so that a fraction s of h is exactly 0.
-Both modes compute the same function (same FATReLU thresholds); the sparse mode reads only the
-``w2`` rows of nonzero h. Everything else (q/k/v, o, gate/up, lm_head) stays dense: without an
-activation predictor the gate must be read whole, so this is the speed a relufied model gets in
-the engine today. Bound: weight bytes read per token / measured copy bandwidth.
+All modes compute the same function (same FATReLU thresholds). Attention linears and lm_head stay
+dense, and without an activation predictor the gate rows are read whole, so this is the speed a
+relufied model gets in the engine today. Bound: weight bytes read per token / measured copy
+bandwidth.
 
     PYTHONPATH=. python benchmarks/bench_engine_relu.py --shape llama2-7b --out benchmarks/results/engine_relu_h100.json
 
-Gate (before any figure is kept): every sparse down projection inside the compiled decode step
-against the pure-PyTorch reference on the input it received. The last line is one JSON document.
+Gate: every sparse down projection (and, with step 2, every sparse_gate_up call) inside the
+compiled decode step against the pure-PyTorch reference on the input it received. The last line
+is one JSON document.
 """
 
 from __future__ import annotations
@@ -61,21 +64,27 @@ def down_input_sparsity(gen: Generator, tokens: torch.Tensor, start: int) -> flo
 
 
 @torch.no_grad()
-def gate_down_in_compiled_step(model, prompt, max_seq) -> dict:
+def gate_in_compiled_step(model, prompt, max_seq) -> dict:
     from actsparse.kernels.sparse_gemv import sparse_gemv_reference
+    from actsparse.kernels.sparse_mlp import sparse_gate_up_reference
 
-    downs = [layer.feed_forward.w2 for layer in model.layers]
-    for lin in downs:
-        lin.record_io = []
+    ffs = [layer.feed_forward for layer in model.layers]
+    F_ = model.args.intermediate_size
+    for ff in ffs:
+        ff.w2.record_io, ff.w13.record_io = [], []
     try:
         gen = Generator(model, batch_size=1, max_seq_len=max_seq, cuda_graph=False)
         gen.generate(prompt, 2)
-        worst = max(rel_err(y, sparse_gemv_reference(x, lin.weight_t, lin.thresholds))
-                    for lin in downs for x, y in lin.record_io)
-        calls = sum(len(lin.record_io) for lin in downs)
+        errs = [rel_err(y, sparse_gemv_reference(x, ff.w2.weight_t, ff.w2.thresholds))
+                for ff in ffs for x, y in ff.w2.record_io]
+        errs += [rel_err(h, sparse_gate_up_reference(x, ff.w13.weight[:F_], ff.w13.weight[F_:], ff.gate_thresholds,
+                                                     "relu"))
+                 for ff in ffs for x, h in ff.w13.record_io]
+        calls = sum(len(ff.w2.record_io) + len(ff.w13.record_io) for ff in ffs)
     finally:
-        for lin in downs:
-            lin.record_io = None
+        for ff in ffs:
+            ff.w2.record_io = ff.w13.record_io = None
+    worst = max(errs)
     return {"rel_err": worst, "limit": 1e-2, "calls": calls, "passed": bool(worst <= 1e-2)}
 
 
@@ -107,6 +116,7 @@ def main(argv=None) -> dict:
     sync(device)
     block_bytes, head_bytes = weight_bytes(model)
     down_bytes = sum(layer.feed_forward.w2.weight_bytes for layer in model.layers)
+    up_bytes = sum(layer.feed_forward.w13.weight_bytes for layer in model.layers) // 2
     result.update(block_weight_GB=block_bytes / 1e9, down_weight_GB=down_bytes / 1e9, lm_head_GB=head_bytes / 1e9,
                   dense_bound_tok_s=copy_bw / (block_bytes + head_bytes))
     g = torch.Generator(device="cpu").manual_seed(1234)
@@ -117,9 +127,10 @@ def main(argv=None) -> dict:
     result["fat_thresholds_layer0"] = {str(s): t[0] for s, t in thresholds.items()}
 
     rows = {str(s): {} for s in sparsities}
-    for mode in ("dense", "sparse_down"):
-        if mode == "sparse_down":
-            model.sparsify_relu_down_()
+    for mode in ("dense", "sparse_down", "sparse_mlp", "sparse_mlp_fused"):
+        if mode != "dense":
+            model.sparsify_relu_(gate_up=mode != "sparse_down")
+            model.set_fused_residual_(mode == "sparse_mlp_fused")
         for s in sparsities:
             set_fat(model, thresholds[s])
             gc.collect()
@@ -131,17 +142,19 @@ def main(argv=None) -> dict:
                 row["h_sparsity"] = down_input_sparsity(gen, tokens, T)
                 row["dense_pct_of_bound"] = 100 * rate / result["dense_bound_tok_s"]
             else:
-                row["gate"] = gate_down_in_compiled_step(model, prompt, max_seq)
-                row["speedup"] = rate / row["dense"]["tok_s"]
-                bound = copy_bw / (block_bytes - down_bytes * row["h_sparsity"] + head_bytes)
-                row["sparse_bound_tok_s"] = bound
-                row["bound_speedup"] = bound / result["dense_bound_tok_s"]
-            log(f"{mode:12s} s={s}: {rate:7.1f} tok/s" + (f" ({row['speedup']:.3f}x dense, bound "
-                f"{row['bound_speedup']:.3f}x; gate {row['gate']['rel_err']:.1e})" if mode != "dense" else
+                skipped = (down_bytes + (up_bytes if mode != "sparse_down" else 0)) * row["h_sparsity"]
+                bound = copy_bw / (block_bytes - skipped + head_bytes)
+                row[mode].update(gate=gate_in_compiled_step(model, prompt, max_seq),
+                                 speedup=rate / row["dense"]["tok_s"], bound_tok_s=bound,
+                                 bound_speedup=bound / result["dense_bound_tok_s"])
+            m = row[mode]
+            log(f"{mode:12s} s={s}: {rate:7.1f} tok/s" + (f" ({m['speedup']:.3f}x dense, bound "
+                f"{m['bound_speedup']:.3f}x; gate {m['gate']['rel_err']:.1e} over {m['gate']['calls']} calls)"
+                if mode != "dense" else
                 f" (h sparsity {row['h_sparsity']:.3f}, {row['dense_pct_of_bound']:.1f}% of bound)"))
             del gen
     result["by_s"] = rows
-    result["gates_passed"] = all(r["gate"]["passed"] for r in rows.values())
+    result["gates_passed"] = all(r[m]["gate"]["passed"] for r in rows.values() for m in r if m.startswith("sparse"))
     result["total_s"] = time.perf_counter() - t_start
     doc = json.dumps(result, default=float)
     if args.out:

@@ -7,6 +7,7 @@ Sparse runs apply the same thresholds to the HF model's linear inputs with forwa
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import hf_byte_tokenizer, tiny_model
 
 from actsparse.engine import (
@@ -386,9 +387,10 @@ def test_act_boundary_splits_the_compiled_block_and_keeps_logits():
     assert rel_err(ref[:, -1], full[:, -1]) < 1e-4  # prefill+decode vs one prefill: same model
 
 
-def test_sparsify_relu_down_skips_zero_rows_and_keeps_logits():
-    """ReLU MLP with FATReLU thresholds: the down projection reads only rows of nonzero h (zero
-    thresholds, skip_zeros) and the logits stay those of the dense model, on both backends."""
+def test_sparsify_relu_skips_zero_rows_and_keeps_logits():
+    """ReLU MLP with FATReLU thresholds: step 3 (the down projection reads only rows of nonzero h)
+    and step 2 (sparse_gate_up reads only the up rows of kept neurons) keep the logits of the
+    dense model, on both backends, batch 1 and 2."""
     pytest.importorskip("triton")
     args = ModelArgs.from_hf_config({**NAMED_CONFIGS["tiny-llama"], "hidden_act": "relu"})
     model = random_model(args, device="cpu", dtype=torch.float32, seed=5, std=0.2)
@@ -400,15 +402,59 @@ def test_sparsify_relu_down_skips_zero_rows_and_keeps_logits():
     h = gen._record_inputs(ids)["layers.0.feed_forward.w2"]
     assert (h == 0).float().mean() > 0.5  # the rows the sparse path skips
     key = model.sparse_key()
-    model.sparsify_relu_down_(backend="torch")
-    w2 = model.layers[0].feed_forward.w2
-    assert w2.sparse and not w2.keeps_all and w2.weight_t is not None and model.sparse_key() != key
-    assert not model.layers[0].feed_forward.w13.sparse and model.backend() == "torch"
+    model.sparsify_relu_(backend="torch", gate_up=False)
+    ff = model.layers[0].feed_forward
+    assert ff.w2.sparse and not ff.w2.keeps_all and ff.w2.weight_t is not None and model.sparse_key() != key
+    assert not ff.w13.sparse and ff.gate_up_backend is None and model.backend() == "torch"
     assert rel_err(engine_logits(model, ids), ref) < 1e-5
-    for layer in model.layers:
-        layer.feed_forward.w2.backend = "triton"
-    assert rel_err(engine_logits(model, ids), ref) < 1e-5
-    assert rel_err(engine_logits(model, ids[:1]), ref[:1]) < 1e-5  # batch 1: the FMA path
+    key = model.sparse_key()
+    for backend in ("torch", "triton"):
+        model.sparsify_relu_(backend=backend)  # steps 2 and 3
+        assert ff.gate_up_backend == backend and model.sparse_key() != key
+        assert torch.equal(ff.gate_thresholds, torch.full_like(ff.gate_thresholds, 0.05))
+        assert rel_err(engine_logits(model, ids), ref) < 1e-5, backend
+        assert rel_err(engine_logits(model, ids[:1]), ref[:1]) < 1e-5, backend  # batch 1: FMA paths
+    # h of the decode step through sparse_gate_up equals the dense h on the same input
+    ff.w13.record_io = []
+    engine_logits(model, ids)
+    ff.w13.record_io, calls = None, ff.w13.record_io
+    assert calls
+    for x, hx in calls:
+        gate, up = F.linear(x, ff.w13.weight).chunk(2, dim=-1)
+        assert torch.allclose(hx, torch.where(gate > 0.05, gate, 0.0) * up, atol=1e-6)
+    ff.set_act_threshold_(0.1)  # the kernel's threshold buffer follows the layer's threshold
+    assert torch.equal(ff.gate_thresholds, torch.full_like(ff.gate_thresholds, 0.1))
     silu = random_model("tiny-llama", device="cpu", dtype=torch.float32)
     with pytest.raises(ActsparseError, match="ReLU"):
-        silu.sparsify_relu_down_()
+        silu.sparsify_relu_()
+
+
+def test_fused_residual_keeps_logits(tmp_path):
+    """set_fused_residual_: an fp32 residual stream, sparse Triton o/down products added into it
+    in place (sparse_gemv_add_). In fp32 it is the same model: logits of every combination of
+    backend and batch agree with the unfused reference; the in-place calls are recorded and
+    match the reference product; the graph key changes."""
+    pytest.importorskip("triton")
+    hf = make_hf("llama")
+    hf.save_pretrained(tmp_path)
+    engine = load_hf(tmp_path, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + 3))
+    engine.sparsify_(random_thresholds(engine, ids, 0.6), backend="torch")
+    ref = engine_logits(engine, ids)
+    key = engine.sparse_key()
+    engine.set_fused_residual_(True)
+    assert engine.sparse_key() != key
+    for backend in ("torch", "triton"):
+        engine.set_backend_(backend)
+        assert rel_err(engine_logits(engine, ids), ref) < 1e-5, backend
+        assert rel_err(engine_logits(engine, ids[:1]), ref[:1]) < 1e-5, backend
+    wo = engine.layers[0].attention.wo
+    wo.record_io = []
+    engine_logits(engine, ids)
+    calls, wo.record_io = wo.record_io, None
+    assert [x.shape[0] for x, _ in calls] == [2 * PROMPT_LEN, 2, 2, 2]  # prompt (masked matmul), 3 steps
+    from actsparse.kernels.sparse_gemv import sparse_gemv_reference
+
+    for x, y in calls:
+        assert rel_err(y, sparse_gemv_reference(x, wo.weight_t, wo.thresholds)) < 1e-5
+    engine.set_fused_residual_(False)

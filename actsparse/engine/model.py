@@ -290,6 +290,28 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return self._sparse_forward(x)
 
+    def forward_add(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``r + self(x)`` for an fp32 residual stream r [B, T, N]. A sparse Triton linear at decode
+        adds its product into r in place (``sparse_gemv_add_``: one kernel, no workspace, no
+        arrival counter, no separate add); every other path returns ``r + self(x).float()``."""
+        if (self.sparse and self.backend == "triton" and not self.keeps_all and self.bias is None
+                and r.dtype == torch.float32 and x.shape[0] * x.shape[1] <= MAX_GEMV_ROWS
+                and not (self.prefill_dense and x.shape[1] > 1)):
+            return self._sparse_add(x, r)
+        return r + self(x).float()
+
+    @torch.compiler.disable
+    def _sparse_add(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if self.record is not None:
+            self.record.append(x.detach())
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        r2 = r.view(-1, self.out_features)  # [M, N] fp32, updated in place
+        before = r2.clone() if self.record_io is not None else None
+        _sparse_gemv_add()(r2, x2, self.weight_t, self.thresholds)
+        if before is not None:
+            self.record_io.append((x2.detach().clone(), (r2 - before).to(x.dtype)))
+        return r
+
     def _dense_product(self, x2: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N], no bias
         return x2 @ self.weight_t if self.weight_t is not None else F.linear(x2, self.weight)
 
@@ -320,6 +342,12 @@ def _sparse_gemv():
     return sparse_gemv
 
 
+def _sparse_gemv_add():
+    from ..kernels.sparse_gemv import sparse_gemv_add_  # noqa: PLC0415
+
+    return sparse_gemv_add_
+
+
 def _sparse_gemv_reference():
     try:
         from ..kernels.sparse_gemv import sparse_gemv_reference  # noqa: PLC0415
@@ -344,7 +372,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # in the weight's dtype: an fp32 residual stream (Transformer.set_fused_residual_) still
+        # feeds the linears model-dtype inputs; for x in the model dtype this is HF's formula
+        return self.weight * xf.to(self.weight.dtype)
 
 
 def rope_tables(args: ModelArgs, max_seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,8 +418,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.decode_attention = "matmul"  # one-token attention: "matmul" (two GEMMs) or "reductions"
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, residual=None):
         # x: [B, T, dim]; cos, sin: [T, D]; mask: [T, S] bool (True = attend); input_pos: [T]
+        # residual: fp32 [B, T, dim] to add the output into (fused residual), or None
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -408,7 +439,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(G, 1))  # [B, Hkv, G*T, D]
         y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.wo(y)
+        return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
 
 
 def _decode_attention(q, k, v, mask):
@@ -450,6 +481,10 @@ class FeedForward(nn.Module):
         self.act_threshold = 0.0
         # End the compiled region after act(gate) * up (see Transformer.set_act_boundary_).
         self.act_boundary = True
+        # ReLU models (Transformer.sparsify_relu_): decode computes h with sparse_gate_up, which
+        # reads the up rows of kept neurons only; "torch" / "triton", None = the plain w13 path.
+        self.gate_up_backend: str | None = None
+        self.register_buffer("gate_thresholds", None, persistent=False)  # [F] fp32 = act_threshold
         self.w13 = Linear(args.dim, 2 * args.intermediate_size, args.mlp_bias, device, dtype)  # gate; up
         self.w2 = Linear(args.intermediate_size, args.dim, args.mlp_bias, device, dtype)  # down
 
@@ -459,8 +494,14 @@ class FeedForward(nn.Module):
         if not (threshold >= 0 and math.isfinite(threshold)):
             raise ActsparseError(f"FATReLU threshold must be a finite number >= 0, got {threshold}")
         self.act_threshold = float(threshold)
+        if self.gate_thresholds is not None:
+            self.gate_thresholds.fill_(self.act_threshold)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        # residual: fp32 [B, T, dim] to add the output into (fused residual), or None
+        down = self.w2 if residual is None else (lambda h: self.w2.forward_add(h, residual))
+        if self.gate_up_backend is not None and x.shape[0] * x.shape[1] <= MAX_GEMV_ROWS:
+            return down(self._sparse_gate_up(x))
         gate, up = self.w13(x).chunk(2, dim=-1)
         if self.act_threshold > 0:
             act = torch.where(gate > self.act_threshold, gate, torch.zeros_like(gate))
@@ -471,7 +512,31 @@ class FeedForward(nn.Module):
             # h becomes a graph output (one small fused kernel), and the down projection starts a
             # new region: its GEMV then reads h instead of recomputing act(gate) * up per tile.
             torch._dynamo.graph_break()
-        return self.w2(h)
+        return down(h)
+
+    # Eager inside compiled blocks and CUDA graphs, like the sparse linears.
+    @torch.compiler.disable
+    def _sparse_gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """h = relu(gate) * up where gate > act_threshold, else 0 (the same function as forward),
+        reading the up rows of kept neurons only. x: [B, T, dim] with B * T <= 8."""
+        if self.w13.record is not None:
+            self.w13.record.append(x.detach())
+        F_ = self.w2.in_features
+        x2 = x.reshape(-1, x.shape[-1])
+        w = self.w13.weight  # [2F, K]: gate rows, then up rows (w13 keeps the dense layout)
+        if w is None:
+            raise ActsparseError("positive gate/up thresholds and sparsify_relu_(gate_up=True) do not combine")
+        if self.gate_up_backend == "triton":
+            from ..kernels.sparse_mlp import sparse_gate_up  # noqa: PLC0415
+
+            h = sparse_gate_up(x2, w[:F_], w[F_:], self.gate_thresholds, "relu")
+        else:
+            from ..kernels.sparse_mlp import sparse_gate_up_reference  # noqa: PLC0415
+
+            h = sparse_gate_up_reference(x2, w[:F_], w[F_:], self.gate_thresholds, "relu")
+        if self.w13.record_io is not None:
+            self.w13.record_io.append((x2.detach().clone(), h.detach().clone()))
+        return h.view(*x.shape[:-1], F_)
 
 
 class Block(nn.Module):
@@ -481,8 +546,13 @@ class Block(nn.Module):
         self.attention = Attention(args, device, dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
         self.feed_forward = FeedForward(args, device, dtype)
+        self.fused_residual = False  # fp32 residual stream, o/down products added in place
 
     def forward(self, x, cos, sin, mask, input_pos):
+        if self.fused_residual:  # x: the model dtype (first block) or fp32 (a block's output)
+            r = x.float()
+            r = self.attention(self.attention_norm(r), cos, sin, mask, input_pos, residual=r)
+            return self.feed_forward(self.ffn_norm(r), residual=r)
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -560,7 +630,8 @@ class Transformer(nn.Module):
         """What a captured decode graph depends on besides buffer contents."""
         lin = self.layers[0].attention.wqkv
         return (lin.backend, lin.prefill_dense, self.layers[0].attention.decode_attention,
-                self.layers[0].feed_forward.act_boundary,
+                self.layers[0].feed_forward.act_boundary, self.layers[0].feed_forward.gate_up_backend,
+                self.layers[0].fused_residual,
                 tuple((l.keeps_all, l.layout_epoch) for _, l, _ in self.block_linears()))
 
     @property
@@ -579,6 +650,16 @@ class Transformer(nn.Module):
             raise ActsparseError(f"decode attention must be 'reductions' or 'matmul', got '{mode}'")
         for layer in self.layers:
             layer.attention.decode_attention = mode
+        return self
+
+    def set_fused_residual_(self, on: bool = True) -> "Transformer":
+        """Keep the residual stream in fp32 and let sparse Triton o/down projections add their
+        products into it in place (``Linear.forward_add`` -> ``sparse_gemv_add_``), which saves the
+        kernel's split-K publish pass and the separate residual add. More precise than a
+        model-dtype residual (Hugging Face rounds it to bf16 after every add), so logits differ
+        from the unfused model by that rounding."""
+        for layer in self.layers:
+            layer.fused_residual = bool(on)
         return self
 
     def set_act_boundary_(self, on: bool = True) -> "Transformer":
@@ -616,16 +697,31 @@ class Transformer(nn.Module):
         return self
 
     @torch.no_grad()
-    def sparsify_relu_down_(self, backend: str = "auto") -> "Transformer":
-        """ProSparse's step 3 for a ReLU MLP: ``h = relu(gate) * up`` (FATReLU: gate > T) is exactly
-        zero wherever the activation cuts, so every down projection skips those weight rows with
-        zero thresholds (nothing to calibrate, the same function). Other linears stay as they are."""
+    def sparsify_relu_(self, backend: str = "auto", gate_up: bool = True) -> "Transformer":
+        """ProSparse's steps 2 and 3 for a ReLU MLP (relufied or ProSparse models), the same function.
+
+        Step 3: ``h = relu(gate) * up`` (FATReLU: kept where gate > T) is exactly zero wherever the
+        activation cuts, so every down projection skips those weight rows (zero thresholds,
+        nothing to calibrate). Step 2 (``gate_up=True``): decode steps compute h with
+        ``sparse_gate_up``, which reads all gate rows but only the up rows of kept neurons.
+        Attention linears stay as they are (``sparsify_`` handles them)."""
         if self.args.hidden_act != "relu":
-            raise ActsparseError(f"sparsify_relu_down_ needs a ReLU MLP, this model uses {self.args.hidden_act}")
+            raise ActsparseError(f"sparsify_relu_ needs a ReLU MLP, this model uses {self.args.hidden_act}")
+        if gate_up and self.args.mlp_bias:
+            raise ActsparseError("sparsify_relu_(gate_up=True) does not support MLP biases")
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend not in ("torch", "triton"):
+            raise ActsparseError(f"unknown sparse backend '{backend}' (choose torch or triton)")
         for layer in self.layers:
-            layer.feed_forward.w2.sparsify_(None, backend, skip_zeros=True)
+            ff = layer.feed_forward
+            if gate_up and ff.w13.weight is None:
+                raise ActsparseError("sparsify_relu_(gate_up=True) needs the gate/up weight in its dense layout "
+                                     "(no positive gate/up thresholds)")
+            ff.w2.sparsify_(None, backend, skip_zeros=True)
+            ff.gate_up_backend = backend if gate_up else None
+            ff.gate_thresholds = (torch.full((ff.w2.in_features,), ff.act_threshold, dtype=torch.float32,
+                                             device=self.device) if gate_up else None)
         return self
 
     @torch.no_grad()
