@@ -312,8 +312,9 @@ def main(argv=None) -> dict:
                    help="decode-attention modes to time at B=1 (the fastest is used afterwards)")
     p.add_argument("--act-boundary", default="off,on",
                    help="'on' adds a B=1 Inductor run with Transformer.set_act_boundary_ (first attention mode)")
-    p.add_argument("--fused-residual", action="store_true",
-                   help="also time sparse B=1 at every sparsity with Transformer.set_fused_residual_")
+    p.add_argument("--compare-fused-residual", action="store_true",
+                   help="also time sparse B=1 at every sparsity with the other Transformer.set_fused_residual_ "
+                        "setting than the default ('auto': on where an o/down projection is sparse)")
     p.add_argument("--pdl", action="store_true",
                    help="also time sparse B=1 at the batch sparsity and the highest one with sparse_gemv "
                         "launched with programmatic dependent launch")
@@ -490,26 +491,28 @@ def main(argv=None) -> dict:
                 except Exception:
                     record_error("sparse profile")
                 sparse_by_batch[b] = sparse_by_s[args.batch_sparsity]["tok_s"]
-                if args.fused_residual:  # every sparsity again with the fp32 fused residual stream
+                if args.compare_fused_residual:  # every sparsity again with the other residual setting
                     gen = None
                     gc.collect()
-                    model.set_fused_residual_(True)
+                    other = not model.layers[0].uses_fused_residual()  # the default at s = batch sparsity
+                    model.set_fused_residual_(other)
+                    name = "fused_residual" if other else "unfused_residual"
                     try:
                         gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_fused_residual")
+                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_" + name)
                         for s in sparsities:
                             model.set_thresholds_(thresholds_by_s[s])
                             rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
-                            result.setdefault("sparse_fused_residual_by_s", {})[str(s)] = {
+                            result.setdefault(f"sparse_{name}_by_s", {})[str(s)] = {
                                 "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
-                            log(f"sparse B=1 s={s} fused residual: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
+                            log(f"sparse B=1 s={s} {name}: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                        result["sparse_fused_residual_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
+                        result[f"sparse_{name}_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
                     except Exception:
-                        record_error("sparse with fused residual")
+                        record_error(f"sparse with {name}")
                     finally:
-                        model.set_fused_residual_(False)
+                        model.set_fused_residual_("auto")
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
                 if args.pdl:  # same thresholds, sparse_gemv launched with programmatic dependent launch
                     gen = None

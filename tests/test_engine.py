@@ -440,6 +440,7 @@ def test_fused_residual_keeps_logits(tmp_path):
     engine = load_hf(tmp_path, device="cpu", dtype=torch.float32)
     ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + 3))
     engine.sparsify_(random_thresholds(engine, ids, 0.6), backend="torch")
+    assert not engine.layers[0].uses_fused_residual()  # "auto": the torch backend keeps the plain stream
     ref = engine_logits(engine, ids)
     key = engine.sparse_key()
     engine.set_fused_residual_(True)
@@ -457,4 +458,9 @@ def test_fused_residual_keeps_logits(tmp_path):
 
     for x, y in calls:
         assert rel_err(y, sparse_gemv_reference(x, wo.weight_t, wo.thresholds)) < 1e-5
-    engine.set_fused_residual_(False)
+    engine.set_fused_residual_("auto")  # Triton backend, positive thresholds: on
+    assert engine.layers[0].uses_fused_residual()
+    engine.set_thresholds_(None)  # all linears dense again: off
+    assert not engine.layers[0].uses_fused_residual()
+    with pytest.raises(ActsparseError):
+        engine.set_fused_residual_("sometimes")
