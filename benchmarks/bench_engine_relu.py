@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     for mode in ("dense", "sparse_down", "sparse_mlp", "sparse_mlp_fused"):
         if mode != "dense":
             model.sparsify_relu_(gate_up=mode != "sparse_down")
-            model.set_fused_residual_("auto" if mode == "sparse_mlp_fused" else False)  # auto = on here
+            model.set_fused_residual_(True if mode == "sparse_mlp_fused" else "auto")  # auto: off here
         for s in sparsities:
             set_fat(model, thresholds[s])
             gc.collect()

@@ -414,6 +414,10 @@ def test_sparsify_relu_skips_zero_rows_and_keeps_logits():
         assert torch.equal(ff.gate_thresholds, torch.full_like(ff.gate_thresholds, 0.05))
         assert rel_err(engine_logits(model, ids), ref) < 1e-5, backend
         assert rel_err(engine_logits(model, ids[:1]), ref[:1]) < 1e-5, backend  # batch 1: FMA paths
+        assert not model.layers[0].uses_fused_residual()  # "auto": dense attention, plain stream
+        model.set_fused_residual_(True)  # the down product added into an fp32 stream: same logits
+        assert rel_err(engine_logits(model, ids), ref) < 1e-5, backend
+        model.set_fused_residual_("auto")
     # h of the decode step through sparse_gate_up equals the dense h on the same input
     ff.w13.record_io = []
     engine_logits(model, ids)
@@ -458,7 +462,7 @@ def test_fused_residual_keeps_logits(tmp_path):
 
     for x, y in calls:
         assert rel_err(y, sparse_gemv_reference(x, wo.weight_t, wo.thresholds)) < 1e-5
-    engine.set_fused_residual_("auto")  # Triton backend, positive thresholds: on
+    engine.set_fused_residual_("auto")  # Triton backend, positive o_proj thresholds: on
     assert engine.layers[0].uses_fused_residual()
     engine.set_thresholds_(None)  # all linears dense again: off
     assert not engine.layers[0].uses_fused_residual()

@@ -547,14 +547,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
         self.feed_forward = FeedForward(args, device, dtype)
         # fp32 residual stream with o/down products added in place: True, False, or "auto" (on
-        # when the o or down projection runs the Triton kernel; see Transformer.set_fused_residual_)
+        # when the o projection runs the Triton kernel; see Transformer.set_fused_residual_)
         self.fused_residual: bool | str = "auto"
 
     def uses_fused_residual(self) -> bool:
         if self.fused_residual != "auto":
             return bool(self.fused_residual)
-        return any(lin.sparse and lin.backend == "triton" and not lin.keeps_all
-                   for lin in (self.attention.wo, self.feed_forward.w2))
+        wo = self.attention.wo
+        return wo.sparse and wo.backend == "triton" and not wo.keeps_all
 
     def forward(self, x, cos, sin, mask, input_pos):
         if self.uses_fused_residual():  # x: the model dtype (first block) or fp32 (a block's output)
@@ -667,9 +667,11 @@ class Transformer(nn.Module):
         model-dtype residual (Hugging Face rounds it to bf16 after every add), so logits differ
         from the unfused model by that rounding.
 
-        "auto" (the default): on exactly when a block's o or down projection runs the Triton
-        kernel (positive thresholds, or a ReLU down projection). On an H100 (Llama-3-8B shape) it
-        gave +3.6 to +6% tokens/s at s = 0.25-0.7, and -4% at s = 0, where the linears are dense."""
+        "auto" (the default): on exactly when a block's o projection runs the Triton kernel
+        (TEAL thresholds on the attention linears). Measured on an H100 (docs/RESULTS.md): with
+        every linear sparse (Llama-3-8B shape) +3.6 to +6% tokens/s at s = 0.25-0.7 in two runs,
+        -2.5 to -4% at s = 0 (dense linears); with only the MLP sparse (ReLU model, LLaMA-2-7B
+        shape, dense attention) it was slower, so "auto" leaves it off there."""
         if on not in (True, False, "auto"):
             raise ActsparseError(f"fused residual must be True, False or 'auto', got {on!r}")
         for layer in self.layers:
