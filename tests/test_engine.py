@@ -343,6 +343,15 @@ def test_relufied_model_runs_with_its_fatrelu_thresholds(family, tmp_path):
         assert rel_err(out[:, :PROMPT_LEN], ref[:, :PROMPT_LEN]) < 1e-5
         assert rel_err(out[:, PROMPT_LEN:], ref[:, PROMPT_LEN:]) < 1e-5
 
+    # generate() decodes a ReLU model with steps 2 and 3 (sparsify_relu_): same greedy text
+    tok = hf_byte_tokenizer()
+    plain_text, _ = generate(load_hf(tmp_path / "relu", device="cpu", dtype=torch.float32), tok, "hello",
+                             max_new_tokens=8, device="cpu", relu_kernels=False)
+    engine = load_hf(tmp_path / "relu", device="cpu", dtype=torch.float32)
+    text, _ = generate(engine, tok, "hello", max_new_tokens=8, device="cpu")
+    assert engine.layers[0].feed_forward.gate_up_backend == "torch" and engine.layers[0].feed_forward.w2.skip_zeros
+    assert text == plain_text
+
     relufy_(hf, ReluConfig(relu_after_norm=True))
     with pytest.raises(ActsparseError, match="relu_after_norm"):
         engine_from_hf_model(hf)

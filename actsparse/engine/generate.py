@@ -323,13 +323,15 @@ def _as_thresholds(thresholds) -> dict[str, torch.Tensor] | None:
 def generate(model_path_or_engine, tokenizer, prompt: str, max_new_tokens: int = 64, thresholds=None,
              temperature: float = 0.0, top_k: int | None = None, device: str = "cuda",
              dtype: torch.dtype = torch.bfloat16, prefill_dense: bool = False,
-             compile: bool | None = None) -> tuple[str, dict]:
+             compile: bool | None = None, relu_kernels: bool = True) -> tuple[str, dict]:
     """Generate text with the engine; returns (new text, stats with prefill and decode tokens/s).
 
     ``model_path_or_engine``: a Hugging Face folder (or ``smollm2-135m``), a loaded HF model, an
     engine :class:`Transformer` or a :class:`Generator`. ``thresholds``: a dict
     {HF linear name: [K]} or a thresholds file; given, decode runs the sparse kernels.
-    ``tokenizer`` may be None for a folder (its own tokenizer is loaded).
+    ``tokenizer`` may be None for a folder (its own tokenizer is loaded). ``relu_kernels``: a
+    model with a ReLU MLP (e.g. from ``actsparse relufy``) decodes with ProSparse's steps 2 and 3
+    (:meth:`Transformer.sparsify_relu_`: the same function, fewer weight bytes).
     """
     from ..models import resolve_model_path
 
@@ -360,6 +362,10 @@ def generate(model_path_or_engine, tokenizer, prompt: str, max_new_tokens: int =
             model.set_thresholds_(thresholds)
         else:
             model.sparsify_(thresholds)
+    if relu_kernels and model.args.hidden_act == "relu" and not model.args.mlp_bias:
+        ff = model.layers[0].feed_forward
+        if ff.gate_up_backend is None and not ff.w2.skip_zeros:
+            model.sparsify_relu_(gate_up=ff.w13.weight is not None)
     model.prefill_dense = prefill_dense
     if gen is None:
         max_seq = -(-(ids.shape[1] + max_new_tokens) // 64) * 64
