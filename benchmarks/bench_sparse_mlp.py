@@ -213,9 +213,8 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
         base = mlps[name]
         reps = [base] + [{k: v.clone() for k, v in base.items()} for _ in range(copies - 1)]
         d_ff, d_model = base["w_down_t"].shape
-        cfg = dataclasses.replace(sg.pick_config(d_ff, d_model, 1), red=False)
+        cfg = sg.pick_config(d_ff, d_model, 1)
         cfg_pdl = dataclasses.replace(cfg, pdl=True)
-        cfg_red_pdl = dataclasses.replace(cfg, pdl=True, red=True)
         for sparsity in (0.67, 0.89):
             x, thr, row_mask, ref, active = problem(name, "relu", sparsity, True)
             hs = [sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps]
@@ -226,7 +225,7 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                 ("step3_add", lambda c: sg._sparse_gemv_add_impl(
                     torch.ones_like(rs[0]), hs[0], base["w_down_t"], None, config=c) - 1),
             ):
-                for c in (cfg, cfg_pdl, cfg_red_pdl):
+                for c in (cfg, cfg_pdl):
                     err = ((fn(c) - exact).norm() / exact.norm()).item()
                     if not err < 1e-2 and failures is not None:
                         failures.append(f"b2b {name} s={sparsity} {label} {c}: rel err {err:.2e}")
@@ -256,12 +255,10 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                 "sparse_step3_pdl": bench_b2b_us(step3(cfg_pdl, False), smoke),
                 "sparse_step3_add": bench_b2b_us(step3(cfg, True), smoke),
                 "sparse_step3_add_pdl": bench_b2b_us(step3(cfg_pdl, True), smoke),
-                "sparse_step3_add_red_pdl": bench_b2b_us(step3(cfg_red_pdl, True), smoke),
                 "dense_mlp": bench_b2b_us(
                     [lambda m=m: F.linear(dense_step2(x, m, "relu"), m["w_down"]) for m in reps], smoke),
                 "sparse_mlp_add": bench_b2b_us(whole_sparse(cfg), smoke),
                 "sparse_mlp_add_pdl": bench_b2b_us(whole_sparse(cfg_pdl), smoke),
-                "sparse_mlp_add_red": bench_b2b_us(whole_sparse(dataclasses.replace(cfg, red=True)), smoke),
             }
             row = {"shape": name, "sparsity_actual": 1 - int(active.sum()) / active.numel(), "copies": copies,
                    "step3_config": str(cfg), "us": us,
@@ -272,8 +269,6 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                                "step3_pdl": us["dense_step3"] / us["sparse_step3_pdl"],
                                "step3_add": us["dense_step3"] / us["sparse_step3_add"],
                                "step3_add_pdl": us["dense_step3"] / us["sparse_step3_add_pdl"],
-                               "step3_add_red_pdl": us["dense_step3"] / us["sparse_step3_add_red_pdl"],
-                               "mlp_add_red": us["dense_mlp"] / us["sparse_mlp_add_red"],
                                "mlp_add": us["dense_mlp"] / us["sparse_mlp_add"],
                                "mlp_add_pdl": us["dense_mlp"] / us["sparse_mlp_add_pdl"]}}
             rows.append(row)

@@ -91,7 +91,6 @@ def _sparse_gemv_kernel(
     STEPS: tl.constexpr,  # power of two: program (n, k) owns rows [k, k + 1) * STEPS * BLOCK_K
     NUM_STAGES: tl.constexpr,  # 1: register variant; > 1: cp.async pipeline this deep
     ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
-    USE_RED: tl.constexpr,  # ACCUMULATE with PTX red instead of atom (see _red_add; GPU only)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
 ):
     _pdl_prologue(USE_PDL)
@@ -216,20 +215,7 @@ def _sparse_gemv_kernel(
         if not USE_DOT:
             acc = tl.sum(acc_2d, axis=0)[None, :]  # [1, BLOCK_N]
 
-    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE, USE_RED)
-
-
-@triton.jit
-def _red_add(ptrs, vals, mask, USE_RED: tl.constexpr):
-    """*ptrs += vals (fp32) where mask. USE_RED: a PTX `red` (no value returned, so no thread waits
-    for the L2 round trip before it exits); otherwise tl.atomic_add, which Triton lowers to an
-    `atom` whose result every thread waits for (and which the CPU interpreter runs)."""
-    if USE_RED:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p red.global.gpu.relaxed.add.f32 [$1], $2; mov.b32 $0, 0; }",
-            "=r,l,f,r", [ptrs.to(tl.int64), vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.atomic_add(ptrs, vals, mask=mask, sem="relaxed")
+    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE)
 
 
 @triton.jit
@@ -245,7 +231,7 @@ def _pdl_prologue(USE_PDL: tl.constexpr):
 
 @triton.jit
 def _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N,
-             SINGLE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr, USE_RED: tl.constexpr):
+             SINGLE_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Epilogue shared by both kernels: store acc [B_PAD, BLOCK_N] into y (one split), or add it
     into the fp32 workspace; the last program of a column tile publishes the sum and re-zeroes.
     ACCUMULATE (``sparse_gemv_add_``): y is fp32 and every program adds its partial sum into it
@@ -253,7 +239,7 @@ def _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_ma
     out_offs = offs_b[:, None] * N + offs_n[None, :]
     out_mask = b_mask[:, None] & n_mask[None, :]
     if ACCUMULATE:
-        _red_add(y_ptr + out_offs, acc, out_mask, USE_RED)
+        tl.atomic_add(y_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
     elif SINGLE_SPLIT:
         tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -327,7 +313,6 @@ def _sparse_gemv_compact_kernel(
     CHUNK: tl.constexpr,  # power of two: rows scanned per step of the compaction pass
     STATIC_LOOP: tl.constexpr,  # loop over all ROWS instead of the kept count (CPU interpreter)
     ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
-    USE_RED: tl.constexpr,  # ACCUMULATE with PTX red instead of atom (see _red_add; GPU only)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
 ):
     """Compacting variant: each program first lists the kept rows of its K range (threshold test,
@@ -390,7 +375,7 @@ def _sparse_gemv_compact_kernel(
                                           HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K)
     if not USE_DOT:
         acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
-    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE, USE_RED)
+    _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE)
 
 
 @dataclass(frozen=True)
@@ -408,7 +393,6 @@ class GemvConfig:
     use_dot: Optional[bool] = None  # tl.dot for B == 1 too if True; B > 1 always uses tl.dot
     compact: bool = False  # list the kept rows first, then stream full tiles of them
     pdl: bool = False  # programmatic dependent launch on Hopper+ (ignored elsewhere)
-    red: bool = False  # accumulate form: PTX red instead of atom (GPU only)
 
     def __post_init__(self):
         for name in ("block_k", "block_n", "max_steps"):
@@ -426,8 +410,7 @@ class GemvConfig:
     def __str__(self) -> str:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
         return (f"{'c-' if self.compact else ''}bk{self.block_k}-bn{self.block_n}-st{self.num_stages}"
-                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-pdl' if self.pdl else ''}"
-                f"{'-red' if self.red else ''}")
+                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-pdl' if self.pdl else ''}")
 
 
 def _next_pow2(n: int) -> int:
@@ -679,7 +662,6 @@ def _launch(
         BLOCK_K=config.block_k,
         BLOCK_N=config.block_n,
         ACCUMULATE=accumulate,
-        USE_RED=accumulate and config.red and x.device.type == "cuda" and not _interpreting(),
         USE_PDL=False,
         num_warps=config.num_warps,
     )
