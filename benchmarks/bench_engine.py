@@ -563,13 +563,18 @@ def main(argv=None) -> dict:
             f"{100 * v['tok_s'] / v['bound_tok_s']:>10.1f}")
     log(f"speedup by batch at s={args.batch_sparsity}: {result['speedup_by_batch_at_s']}")
     log(f"gates passed: {result['gates_passed']}  goals: {result['goals']}  total {result['total_s']:.0f}s")
+    emit_json(result, args.out)
+    return result
+
+
+def emit_json(result: dict, out: str | None) -> None:
+    """The record as one JSON line on stdout (last), and in ``out`` when given."""
     doc = json.dumps(result, default=float)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             f.write(doc + "\n")
     print(doc)
-    return result
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import time
 
@@ -30,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from actsparse.engine import NAMED_CONFIGS, Generator, ModelArgs, random_model
-from benchmarks.bench_engine import copy_bandwidth, git_commit, log, rel_err, sync, timed_generate, weight_bytes
+from benchmarks.bench_engine import (
+    copy_bandwidth, emit_json, git_commit, log, rel_err, sync, timed_generate, weight_bytes,
+)
 
 
 @torch.no_grad()
@@ -156,12 +157,7 @@ def main(argv=None) -> dict:
     result["by_s"] = rows
     result["gates_passed"] = all(r[m]["gate"]["passed"] for r in rows.values() for m in r if m.startswith("sparse"))
     result["total_s"] = time.perf_counter() - t_start
-    doc = json.dumps(result, default=float)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(doc + "\n")
-    print(doc)
+    emit_json(result, args.out)
     return result
 
 

@@ -128,14 +128,20 @@ def test_sparsity_zero_reproduces_dense(hf_and_engine):
     assert rel_err(engine_logits(engine, ids), dense) < 1e-6
 
 
-def test_triton_backend_matches_reference(tmp_path):
-    """The sparse_gemv kernel (Triton interpreter on the CPU) inside the engine = the torch path."""
-    pytest.importorskip("triton")
+def sparse_llama_engine(tmp_path):
+    """(engine, ids): a tiny Llama saved and loaded by the engine, sparsified at ~0.6 (torch backend)."""
     hf = make_hf("llama")
     hf.save_pretrained(tmp_path)
     engine = load_hf(tmp_path, device="cpu", dtype=torch.float32)
     ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + 3))
     engine.sparsify_(random_thresholds(engine, ids, 0.6), backend="torch")
+    return engine, ids
+
+
+def test_triton_backend_matches_reference(tmp_path):
+    """The sparse_gemv kernel (Triton interpreter on the CPU) inside the engine = the torch path."""
+    pytest.importorskip("triton")
+    engine, ids = sparse_llama_engine(tmp_path)
     ref = engine_logits(engine, ids)
     engine.set_backend_("triton")
     out = engine_logits(engine, ids)
@@ -448,11 +454,7 @@ def test_fused_residual_keeps_logits(tmp_path):
     backend and batch agree with the unfused reference; the in-place calls are recorded and
     match the reference product; the graph key changes."""
     pytest.importorskip("triton")
-    hf = make_hf("llama")
-    hf.save_pretrained(tmp_path)
-    engine = load_hf(tmp_path, device="cpu", dtype=torch.float32)
-    ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + 3))
-    engine.sparsify_(random_thresholds(engine, ids, 0.6), backend="torch")
+    engine, ids = sparse_llama_engine(tmp_path)
     assert not engine.layers[0].uses_fused_residual()  # "auto": the torch backend keeps the plain stream
     ref = engine_logits(engine, ids)
     key = engine.sparse_key()
