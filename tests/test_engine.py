@@ -446,6 +446,13 @@ def test_sparsify_relu_skips_zero_rows_and_keeps_logits():
     silu = random_model("tiny-llama", device="cpu", dtype=torch.float32)
     with pytest.raises(ActsparseError, match="ReLU"):
         silu.sparsify_relu_()
+    # TEAL thresholds already on the down projection are kept (only the zero-skipping is added)
+    teal = random_model(args, device="cpu", dtype=torch.float32, seed=6, std=0.2)
+    thr = {f"model.layers.{i}.mlp.down_proj": torch.full((args.intermediate_size,), 0.01) for i in range(2)}
+    teal.sparsify_(thr, backend="torch")
+    teal.sparsify_relu_(backend="torch")
+    assert torch.equal(teal.layers[1].feed_forward.w2.thresholds, thr["model.layers.1.mlp.down_proj"])
+    assert teal.layers[1].feed_forward.gate_up_backend == "torch"  # gate/up thresholds are zero
 
 
 def test_fused_residual_keeps_logits(tmp_path):

@@ -720,7 +720,8 @@ class Transformer(nn.Module):
         activation cuts, so every down projection skips those weight rows (zero thresholds,
         nothing to calibrate). Step 2 (``gate_up=True``): decode steps compute h with
         ``sparse_gate_up``, which reads all gate rows but only the up rows of kept neurons.
-        Attention linears stay as they are (``sparsify_`` handles them)."""
+        Attention linears stay as they are (``sparsify_`` handles them), and a down projection
+        that already has thresholds keeps them."""
         if self.args.hidden_act != "relu":
             raise ActsparseError(f"sparsify_relu_ needs a ReLU MLP, this model uses {self.args.hidden_act}")
         if gate_up and self.args.mlp_bias:
@@ -734,7 +735,8 @@ class Transformer(nn.Module):
             if gate_up and ff.w13.weight is None:
                 raise ActsparseError("sparsify_relu_(gate_up=True) needs the gate/up weight in its dense layout "
                                      "(no positive gate/up thresholds)")
-            ff.w2.sparsify_(None, backend, skip_zeros=True)
+            kept = ff.w2.thresholds.clone() if ff.w2.sparse else None  # TEAL thresholds stay
+            ff.w2.sparsify_(kept, backend, skip_zeros=True)
             ff.gate_up_backend = backend if gate_up else None
             ff.gate_thresholds = (torch.full((ff.w2.in_features,), ff.act_threshold, dtype=torch.float32,
                                              device=self.device) if gate_up else None)
