@@ -295,7 +295,7 @@ class Linear(nn.Module):
         adds its product into r in place (``sparse_gemv_add_``: one kernel, no workspace, no
         arrival counter, no separate add); every other path returns ``r + self(x).float()``."""
         if (self.sparse and self.backend == "triton" and not self.keeps_all and self.bias is None
-                and r.dtype == torch.float32 and x.shape[0] * x.shape[1] <= MAX_GEMV_ROWS
+                and r.dtype == torch.float32 and r.is_contiguous() and x.shape[0] * x.shape[1] <= MAX_GEMV_ROWS
                 and not (self.prefill_dense and x.shape[1] > 1)):
             return self._sparse_add(x, r)
         return r + self(x).float()
