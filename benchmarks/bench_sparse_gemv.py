@@ -365,9 +365,10 @@ VARIANT_SHAPES = ("llama3-8b.qkv", "llama3-8b.o", "llama3-8b.gate_up", "llama3-8
 
 
 def run_variants(ceiling) -> list:
-    """B=1, default tile config, four launch forms side by side: plain, with programmatic dependent
+    """B=1, default tile config, launch forms side by side: plain, with programmatic dependent
     launch (pdl), sparse_gemv_add_ into an fp32 accumulator (add: no workspace, counter or final
-    pass), and both. Each form is checked against the fp64 reference on these shapes first."""
+    pass), both, and with the compaction steps' x loads overlapped (pf; pf1024: 1024-row steps).
+    Each form is checked against the fp64 reference on these shapes first."""
     shapes = {**SHAPES, **{k: v[0] for k, v in PROSPARSE.items()}}
     rows = []
     for name in VARIANT_SHAPES:
@@ -376,7 +377,10 @@ def run_variants(ceiling) -> list:
         dense = prob.time_dense(1, seed=3)
         base = pick_config(K, N, 1)
         forms = {"plain": (base, False), "pdl": (dataclasses.replace(base, pdl=True), False),
-                 "add": (base, True), "add_pdl": (dataclasses.replace(base, pdl=True), True)}
+                 "add": (base, True), "add_pdl": (dataclasses.replace(base, pdl=True), True),
+                 "plain_pf": (dataclasses.replace(base, prefetch=True), False),
+                 "add_pdl_pf": (dataclasses.replace(base, pdl=True, prefetch=True), True),
+                 "add_pdl_pf1024": (dataclasses.replace(base, pdl=True, prefetch=True, chunk=1024), True)}
         # correctness of every form on this shape (fresh input, s = 0.5)
         xs, thrs, _ = make_inputs(K, 1, 0.5, 1, prob.dtype, seed=9)
         ref = reference64(xs[0], prob.w_ts[0], thrs[0])
@@ -490,7 +494,8 @@ def main(argv=None) -> int:
             save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
         print_json_last({"benchmark": "sparse_gemv variants", "date": doc["date"], "commit": doc["commit"],
                          "rows": [[r["shape"], r["s"], r["dense_us"]] + [r[f]["us"] for f in
-                                  ("plain", "pdl", "add", "add_pdl")] for r in doc["variants"]]})
+                                  ("plain", "pdl", "add", "add_pdl", "plain_pf", "add_pdl_pf", "add_pdl_pf1024")]
+                                  for r in doc["variants"]]})
         return 0
     if args.sweep_down:
         doc["sweep_down"] = run_sweep_down()

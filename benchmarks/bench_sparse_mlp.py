@@ -215,6 +215,7 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
         d_ff, d_model = base["w_down_t"].shape
         cfg = sg.pick_config(d_ff, d_model, 1)
         cfg_pdl = dataclasses.replace(cfg, pdl=True)
+        cfg_pdl_pf = dataclasses.replace(cfg, pdl=True, prefetch=True)
         for sparsity in (0.67, 0.89):
             x, thr, row_mask, ref, active = problem(name, "relu", sparsity, True)
             hs = [sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps]
@@ -225,7 +226,7 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                 ("step3_add", lambda c: sg._sparse_gemv_add_impl(
                     torch.ones_like(rs[0]), hs[0], base["w_down_t"], None, config=c) - 1),
             ):
-                for c in (cfg, cfg_pdl):
+                for c in (cfg, cfg_pdl, cfg_pdl_pf):
                     err = ((fn(c) - exact).norm() / exact.norm()).item()
                     if not err < 1e-2 and failures is not None:
                         failures.append(f"b2b {name} s={sparsity} {label} {c}: rel err {err:.2e}")
@@ -255,6 +256,7 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                 "sparse_step3_pdl": bench_b2b_us(step3(cfg_pdl, False), smoke),
                 "sparse_step3_add": bench_b2b_us(step3(cfg, True), smoke),
                 "sparse_step3_add_pdl": bench_b2b_us(step3(cfg_pdl, True), smoke),
+                "sparse_step3_add_pdl_pf": bench_b2b_us(step3(cfg_pdl_pf, True), smoke),
                 "dense_mlp": bench_b2b_us(
                     [lambda m=m: F.linear(dense_step2(x, m, "relu"), m["w_down"]) for m in reps], smoke),
                 "sparse_mlp_add": bench_b2b_us(whole_sparse(cfg), smoke),
@@ -269,6 +271,7 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                                "step3_pdl": us["dense_step3"] / us["sparse_step3_pdl"],
                                "step3_add": us["dense_step3"] / us["sparse_step3_add"],
                                "step3_add_pdl": us["dense_step3"] / us["sparse_step3_add_pdl"],
+                               "step3_add_pdl_pf": us["dense_step3"] / us["sparse_step3_add_pdl_pf"],
                                "mlp_add": us["dense_mlp"] / us["sparse_mlp_add"],
                                "mlp_add_pdl": us["dense_mlp"] / us["sparse_mlp_add_pdl"]}}
             rows.append(row)

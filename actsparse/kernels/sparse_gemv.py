@@ -315,6 +315,7 @@ def _sparse_gemv_compact_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,  # power of two: rows scanned per step of the compaction pass
+    PREFETCH: tl.constexpr,  # B = 1: load the next chunk's x while ranking this one
     STATIC_LOOP: tl.constexpr,  # loop over all ROWS instead of the kept count (CPU interpreter)
     ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
@@ -337,25 +338,48 @@ def _sparse_gemv_compact_kernel(
     # Pass 1: compaction. cnt = kept rows so far; kept row r goes to scratch[cnt + rank].
     offs_c = tl.arange(0, CHUNK)
     cnt = tl.zeros([], dtype=tl.int32)
-    for c in range(0, ROWS, CHUNK):
-        rows = k_lo + c + offs_c
-        in_r = ((c + offs_c) < ROWS) & (rows < K)
+    if PREFETCH and not USE_DOT:
+        # B = 1: chunk c + 1's x and thresholds are requested before chunk c is ranked, so a
+        # range of several chunks costs one memory round trip instead of one per chunk.
+        in_n = (offs_c < ROWS) & (k_lo + offs_c < K)
+        x_n = tl.load(x_ptr + k_lo + offs_c, mask=in_n, other=0.0)
         if HAS_THRESHOLDS:
-            thr = tl.load(thr_ptr + rows, mask=in_r, other=0.0)
+            thr_n = tl.load(thr_ptr + k_lo + offs_c, mask=in_n, other=0.0)
         else:
-            thr = tl.zeros([CHUNK], dtype=tl.float32)
-        if USE_DOT:
-            active = tl.zeros([CHUNK], dtype=tl.int32)
-            for b in tl.static_range(X_ROWS):
-                x_b = tl.load(x_ptr + b * stride_xb + rows, mask=in_r & (b < B), other=0.0)
-                keep_b = (tl.abs(x_b.to(tl.float32)) > thr) & in_r & (b < B)
-                active = tl.maximum(active, keep_b.to(tl.int32))
-        else:
-            x_c = tl.load(x_ptr + rows, mask=in_r, other=0.0)
+            thr_n = tl.zeros([CHUNK], dtype=tl.float32)
+        for c in range(0, ROWS, CHUNK):
+            rows = k_lo + c + offs_c
+            in_r = ((c + offs_c) < ROWS) & (rows < K)
+            x_c = x_n
+            thr = thr_n
+            in_n = ((c + CHUNK + offs_c) < ROWS) & (rows + CHUNK < K)
+            x_n = tl.load(x_ptr + rows + CHUNK, mask=in_n, other=0.0)
+            if HAS_THRESHOLDS:
+                thr_n = tl.load(thr_ptr + rows + CHUNK, mask=in_n, other=0.0)
             active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
-        rank = tl.cumsum(active, axis=0) - 1
-        tl.store(scratch + cnt + rank, rows, mask=active > 0)
-        cnt += tl.sum(active, axis=0)
+            rank = tl.cumsum(active, axis=0) - 1
+            tl.store(scratch + cnt + rank, rows, mask=active > 0)
+            cnt += tl.sum(active, axis=0)
+    else:
+        for c in range(0, ROWS, CHUNK):
+            rows = k_lo + c + offs_c
+            in_r = ((c + offs_c) < ROWS) & (rows < K)
+            if HAS_THRESHOLDS:
+                thr = tl.load(thr_ptr + rows, mask=in_r, other=0.0)
+            else:
+                thr = tl.zeros([CHUNK], dtype=tl.float32)
+            if USE_DOT:
+                active = tl.zeros([CHUNK], dtype=tl.int32)
+                for b in tl.static_range(X_ROWS):
+                    x_b = tl.load(x_ptr + b * stride_xb + rows, mask=in_r & (b < B), other=0.0)
+                    keep_b = (tl.abs(x_b.to(tl.float32)) > thr) & in_r & (b < B)
+                    active = tl.maximum(active, keep_b.to(tl.int32))
+            else:
+                x_c = tl.load(x_ptr + rows, mask=in_r, other=0.0)
+                active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
+            rank = tl.cumsum(active, axis=0) - 1
+            tl.store(scratch + cnt + rank, rows, mask=active > 0)
+            cnt += tl.sum(active, axis=0)
     tl.debug_barrier()  # the CTA's index stores are visible to all of its threads
 
     # Pass 2: full tiles of kept rows. Indices of tile t + 1 are fetched during tile t.
@@ -397,9 +421,11 @@ class GemvConfig:
     use_dot: Optional[bool] = None  # tl.dot for B == 1 too if True; B > 1 always uses tl.dot
     compact: bool = False  # list the kept rows first, then stream full tiles of them
     pdl: bool = False  # programmatic dependent launch on Hopper+ (ignored elsewhere)
+    chunk: int = 512  # compacting variant: rows per compaction step (2048 measured slower)
+    prefetch: bool = False  # compacting variant, B = 1: overlap the compaction steps' x loads
 
     def __post_init__(self):
-        for name in ("block_k", "block_n", "max_steps"):
+        for name in ("block_k", "block_n", "max_steps", "chunk"):
             value = getattr(self, name)
             smallest = 1 if name == "max_steps" else 16
             if value < smallest or value & (value - 1):
@@ -414,7 +440,8 @@ class GemvConfig:
     def __str__(self) -> str:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
         return (f"{'c-' if self.compact else ''}bk{self.block_k}-bn{self.block_n}-st{self.num_stages}"
-                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-pdl' if self.pdl else ''}")
+                f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-pdl' if self.pdl else ''}"
+                f"{'' if self.chunk == 512 else f'-ch{self.chunk}'}{'-pf' if self.prefetch else ''}")
 
 
 def _next_pow2(n: int) -> int:
@@ -677,7 +704,8 @@ def _launch(
             x, w_t, thresholds if thresholds is not None else x, y, acc, counts, idx,
             B, K, N, x.stride(0),
             ROWS=rows,
-            CHUNK=min(512, _next_pow2(rows)),  # 2048 (one step for the 7B/13B down ranges) was slower
+            CHUNK=min(config.chunk, _next_pow2(rows)),
+            PREFETCH=config.prefetch,
             STATIC_LOOP=_interpreting(),
             **common,
         )
