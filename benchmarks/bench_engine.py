@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import time
 import traceback
 
@@ -38,13 +37,9 @@ def log(msg: str) -> None:
 
 
 def git_commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
+    from benchmarks.common import git_commit as common_git_commit  # noqa: PLC0415
+
+    return common_git_commit()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

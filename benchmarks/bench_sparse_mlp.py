@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,22 +37,9 @@ import torch.nn.functional as F
 # exist when this was written; these private helpers stand in for it.
 # ----------------------------------------------------------------------------------------------
 def git_commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    head = Path(".git/HEAD")
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (Path(".git") / ref[5:]).read_text().strip()[:7]
-        return ref[:7]
-    except OSError:
-        return "unknown"
+    from benchmarks.common import git_commit as common_git_commit  # noqa: PLC0415
+
+    return common_git_commit()
 
 
 def env_header() -> dict:

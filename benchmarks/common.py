@@ -24,9 +24,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """Short commit: $ACTSPARSE_COMMIT, else git, else .git/HEAD read by hand, else 'unknown'."""
-    if os.environ.get("ACTSPARSE_COMMIT"):
-        return os.environ["ACTSPARSE_COMMIT"]
+    """Short commit: $ACTSPARSE_COMMIT (or $GIT_COMMIT), else git, else .git/HEAD read by hand,
+    else 'unknown'. Set the variable on a machine whose checkout's git metadata is stale."""
+    for var in ("ACTSPARSE_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(var):
+            return os.environ[var]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
