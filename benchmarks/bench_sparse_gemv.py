@@ -451,6 +451,44 @@ def run_sweep_down() -> dict:
     return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
 
 
+def run_sweep_down_add() -> dict:
+    """ProSparse step 3 in its fastest form (sparse_gemv_add_ with PDL and chunk prefetch): the
+    down-projection grid (plus 6 programs per SM) at 67/89%, each config checked against the fp64
+    reference in that form first. The plain-form sweep (run_sweep_down) picked the default tiles."""
+    configs = [dataclasses.replace(c, pdl=True, prefetch=True) for c in down_grid()]
+    configs += [C(bk, bn, 1, 4, 6, compact=True, pdl=True, prefetch=True) for bk, bn in ((32, 128), (64, 128), (64, 64))]
+    grid, dropped = [], []
+    xs, thrs, _ = make_inputs(11008, 1, 0.89, 1, torch.bfloat16, seed=301)
+    w_t = torch.randn(11008, 4096, device=DEVICE, dtype=torch.bfloat16) / math.sqrt(11008)
+    ref = reference64(xs[0], w_t, thrs[0])
+    for cfg in configs:
+        start = torch.randn(1, 4096, device=DEVICE)
+        try:
+            err = rel_err(sg._sparse_gemv_add_impl(start.clone(), xs[0], w_t, thrs[0], config=cfg) - start, ref)
+        except Exception as exc:  # noqa: BLE001 (reported in the JSON)
+            err = float("inf")
+            log(f"  {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+        (grid if err < 1e-2 else dropped).append(cfg if err < 1e-2 else {"config": str(cfg), "err": err})
+    del w_t
+    log(f"sweep-down-add: {len(grid)} configs pass the check, {len(dropped)} dropped")
+    rows = []
+    for name, K, N in (("prosparse-7b.down", 11008, 4096), ("prosparse-13b.down", 13824, 5120)):
+        prob = Problem(K, N)
+        dense_us = min(prob.time_dense(1, seed=5))
+        for sp in (0.67, 0.89):
+            times = {str(c): prob.time_sparse(1, sp, c, seed=5, accumulate=True)[0] for c in grid}
+            default = str(dataclasses.replace(pick_config(K, N, 1), pdl=True))
+            best = min(times, key=times.get)
+            rows.append({"shape": name, "s": sp, "dense_us": round(dense_us, 2), "default": default,
+                         "default_us": round(times[default], 2), "best": best, "best_us": round(times[best], 2),
+                         "times_us": {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])}})
+            log(f"sweep-down-add {name:20s} s={sp:.2f} dense {dense_us:6.2f} us; default {default} "
+                f"{times[default]:6.2f} (x{dense_us / times[default]:.2f}); best {best} {times[best]:6.2f} "
+                f"(x{dense_us / times[best]:.2f})")
+        prob.free()
+    return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/sparse_gemv_h100.json")
@@ -458,6 +496,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep-down", action="store_true",
                     help="only a grid sweep of down-projection shapes (ProSparse step 3), after the gate")
+    ap.add_argument("--sweep-down-add", action="store_true",
+                    help="only a grid sweep of ProSparse step 3 in the add + pdl + prefetch form, after the gate")
     ap.add_argument("--variants", action="store_true",
                     help="only the launch-form comparison (plain / pdl / add / add+pdl) at B=1, after the gate")
     ap.add_argument("--save-choice", default=None,
@@ -486,6 +526,16 @@ def main(argv=None) -> int:
     ceiling = copy_ceiling_tb_s()
     doc["copy_ceiling"] = ceiling
     log(f"copy ceiling: {ceiling['tb_s']:.3f} TB/s (read+write)")
+    if args.sweep_down_add:
+        doc["sweep_down_add"] = run_sweep_down_add()
+        doc["elapsed_s"] = round(time.time() - t0, 1)
+        save_json(doc, args.out)
+        if os.environ.get("OUT"):
+            save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
+        print_json_last({"benchmark": "sparse_gemv sweep-down-add", "date": doc["date"], "commit": doc["commit"],
+                         "rows": [[r["shape"], r["s"], r["dense_us"], r["default_us"], r["best"], r["best_us"]]
+                                  for r in doc["sweep_down_add"]["rows"]]})
+        return 0
     if args.variants:
         doc["variants"] = run_variants(ceiling["tb_s"])
         doc["elapsed_s"] = round(time.time() - t0, 1)
