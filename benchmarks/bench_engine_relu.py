@@ -64,10 +64,22 @@ def down_input_sparsity(gen: Generator, tokens: torch.Tensor, start: int) -> flo
     return sum(zeros) / len(zeros)
 
 
+def gate_up_err(ff, x, h, F_) -> float:
+    """h from sparse_gate_up vs the reference, leaving out neurons whose gate lies within 1e-3
+    (relative to the gate's scale) of the FATReLU threshold: there the kernel's fp32 summation order
+    may keep a neuron the reference drops, or the reverse, and either answer is right."""
+    from actsparse.kernels.sparse_mlp import sparse_gate_up_reference
+
+    w_gate, w_up = ff.w13.weight[:F_], ff.w13.weight[F_:]
+    gate = x.double() @ w_gate.double().t()  # [M, F]
+    near = (gate - ff.gate_thresholds.double()).abs() <= 1e-3 * gate.abs().amax(dim=-1, keepdim=True)
+    ref = sparse_gate_up_reference(x, w_gate, w_up, ff.gate_thresholds, "relu")
+    return rel_err(torch.where(near, 0, h.double()), torch.where(near, 0, ref.double()))
+
+
 @torch.no_grad()
 def gate_in_compiled_step(model, prompt, max_seq) -> dict:
     from actsparse.kernels.sparse_gemv import sparse_gemv_reference
-    from actsparse.kernels.sparse_mlp import sparse_gate_up_reference
 
     ffs = [layer.feed_forward for layer in model.layers]
     F_ = model.args.intermediate_size
@@ -78,9 +90,7 @@ def gate_in_compiled_step(model, prompt, max_seq) -> dict:
         gen.generate(prompt, 2)
         errs = [rel_err(y, sparse_gemv_reference(x, ff.w2.weight_t, ff.w2.thresholds))
                 for ff in ffs for x, y in ff.w2.record_io]
-        errs += [rel_err(h, sparse_gate_up_reference(x, ff.w13.weight[:F_], ff.w13.weight[F_:], ff.gate_thresholds,
-                                                     "relu"))
-                 for ff in ffs for x, h in ff.w13.record_io]
+        errs += [gate_up_err(ff, x, h, F_) for ff in ffs for x, h in ff.w13.record_io]
         calls = sum(len(ff.w2.record_io) + len(ff.w13.record_io) for ff in ffs)
     finally:
         for ff in ffs:
