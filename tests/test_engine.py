@@ -486,3 +486,23 @@ def test_fused_residual_keeps_logits(tmp_path):
     assert not engine.layers[0].uses_fused_residual()
     with pytest.raises(ActsparseError):
         engine.set_fused_residual_("sometimes")
+
+
+def test_prefill_accepts_a_non_contiguous_attention_output(monkeypatch):
+    """Regression (H100, fp32 engine): the fused SDPA kernel can return a non-contiguous output, and
+    a .view of it failed in prefill. Simulated here with an SDPA whose output has other strides."""
+    import actsparse.engine.model as engine_model
+
+    model = random_model("tiny-llama", device="cpu", dtype=torch.float32, seed=4)
+    ids = torch.randint(0, model.args.vocab_size, (2, PROMPT_LEN + 2))
+    ref = engine_logits(model, ids)
+    sdpa = engine_model.F.scaled_dot_product_attention
+
+    def strided_sdpa(*args, **kwargs):
+        out = sdpa(*args, **kwargs)  # [B, Hkv, G*T, D]
+        strided = out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+        assert not strided.is_contiguous()
+        return strided
+
+    monkeypatch.setattr(engine_model.F, "scaled_dot_product_attention", strided_sdpa)
+    assert rel_err(engine_logits(model, ids), ref) < 1e-6

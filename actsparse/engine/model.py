@@ -438,7 +438,8 @@ class Attention(nn.Module):
             y = _decode_attention(q, k, v, mask)  # [B, Hkv, G, D]
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(G, 1))  # [B, Hkv, G*T, D]
-        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        # reshape, not view: some SDPA backends (fp32 on CUDA) return a non-contiguous y
+        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
 
 
