@@ -489,6 +489,13 @@ def run_sweep_down_add() -> dict:
     return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
 
 
+def _save_everywhere(doc: dict, out: str) -> None:
+    """The record at --out, and a copy under $OUT when that is set (the device tool's folder)."""
+    save_json(doc, out)
+    if os.environ.get("OUT"):
+        save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(out)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/sparse_gemv_h100.json")
@@ -526,37 +533,23 @@ def main(argv=None) -> int:
     ceiling = copy_ceiling_tb_s()
     doc["copy_ceiling"] = ceiling
     log(f"copy ceiling: {ceiling['tb_s']:.3f} TB/s (read+write)")
-    if args.sweep_down_add:
-        doc["sweep_down_add"] = run_sweep_down_add()
-        doc["elapsed_s"] = round(time.time() - t0, 1)
-        save_json(doc, args.out)
-        if os.environ.get("OUT"):
-            save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
-        print_json_last({"benchmark": "sparse_gemv sweep-down-add", "date": doc["date"], "commit": doc["commit"],
-                         "rows": [[r["shape"], r["s"], r["dense_us"], r["default_us"], r["best"], r["best_us"]]
-                                  for r in doc["sweep_down_add"]["rows"]]})
-        return 0
-    if args.variants:
-        doc["variants"] = run_variants(ceiling["tb_s"])
-        doc["elapsed_s"] = round(time.time() - t0, 1)
-        save_json(doc, args.out)
-        if os.environ.get("OUT"):
-            save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
-        print_json_last({"benchmark": "sparse_gemv variants", "date": doc["date"], "commit": doc["commit"],
-                         "rows": [[r["shape"], r["s"], r["dense_us"]] + [r[f]["us"] for f in
-                                  ("plain", "pdl", "add", "add_pdl", "plain_pf", "add_pdl_pf", "add_pdl_pf1024")]
-                                  for r in doc["variants"]]})
-        return 0
-    if args.sweep_down:
-        doc["sweep_down"] = run_sweep_down()
-        doc["elapsed_s"] = round(time.time() - t0, 1)
-        save_json(doc, args.out)
-        if os.environ.get("OUT"):
-            save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
-        print_json_last({"benchmark": "sparse_gemv sweep-down", "date": doc["date"], "commit": doc["commit"],
-                         "rows": [[r["shape"], r["s"], r["dense_us"], r["default_us"], r["best"], r["best_us"]]
-                                  for r in doc["sweep_down"]["rows"]]})
-        return 0
+    sweep_rows = lambda rows: [[r["shape"], r["s"], r["dense_us"], r["default_us"], r["best"], r["best_us"]]  # noqa: E731
+                               for r in rows]
+    only = [  # (flag, key in the JSON, run, summary rows): modes that time one thing and stop
+        (args.sweep_down_add, "sweep_down_add", run_sweep_down_add, lambda d: sweep_rows(d["rows"])),
+        (args.variants, "variants", lambda: run_variants(ceiling["tb_s"]),
+         lambda d: [[r["shape"], r["s"], r["dense_us"]] + [r[f]["us"] for f in
+                    ("plain", "pdl", "add", "add_pdl", "plain_pf", "add_pdl_pf", "add_pdl_pf1024")] for r in d]),
+        (args.sweep_down, "sweep_down", run_sweep_down, lambda d: sweep_rows(d["rows"])),
+    ]
+    for flag, key, run, summary in only:
+        if flag:
+            doc[key] = run()
+            doc["elapsed_s"] = round(time.time() - t0, 1)
+            _save_everywhere(doc, args.out)
+            print_json_last({"benchmark": f"sparse_gemv {key.replace('_', '-')}", "date": doc["date"],
+                             "commit": doc["commit"], "rows": summary(doc[key])})
+            return 0
     configs = None
     if args.sweep:
         doc["sweep"] = run_sweep(ceiling["tb_s"], args.quick)
@@ -570,9 +563,7 @@ def main(argv=None) -> int:
                       args.save_choice)
     doc["rows"] = run_benchmark(ceiling["tb_s"], args.quick, configs)
     doc["elapsed_s"] = round(time.time() - t0, 1)
-    save_json(doc, args.out)
-    if os.environ.get("OUT"):
-        save_json(doc, os.path.join(os.environ["OUT"], os.path.basename(args.out)))
+    _save_everywhere(doc, args.out)
     summary = {k: doc[k] for k in ("benchmark", "gpu", "torch", "triton", "date", "commit", "elapsed_s")}
     summary["copy_ceiling_tb_s"] = round(ceiling["tb_s"], 3)
     summary["rows"] = [[r["shape"], r["B"], r["union_sparsity"], r["us"], r["dense_us"], r["speedup"], r["eff_tb_s"]]
