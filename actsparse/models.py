@@ -184,12 +184,13 @@ def load_model(
     check_supported(model.config)
     model.to(device).eval()
     model.name_or_path = str(path)
-    if path.is_dir() and (path / "actsparse_relu.json").exists():
+    if path.is_dir():
         # a relufied model (actsparse relufy): restore its FATReLU thresholds and norm ReLUs, which a
         # plain from_pretrained does not know about
-        from .relu.modules import restore_relu_  # noqa: PLC0415
+        from .relu.modules import RELU_CONFIG_FILE, restore_relu_  # noqa: PLC0415
 
-        restore_relu_(model, path)
+        if (path / RELU_CONFIG_FILE).exists():
+            restore_relu_(model, path)
     return model, tokenizer
 
 

@@ -78,10 +78,11 @@ def load_hf(path: str | os.PathLike, device="cuda", dtype=torch.bfloat16) -> Tra
         _assign_weights(model, _hf_to_engine_state_dict(tensors, args))
     except KeyError as exc:
         raise ActsparseError(f"cannot load {path} into the engine: missing tensor {exc}") from exc
-    relu_info = path / "actsparse_relu.json"  # a relufied model (actsparse.relu.save_relufied)
-    if relu_info.exists():
-        info = json.loads(relu_info.read_text())
-        _apply_relu_info(model, info.get("fat_thresholds", {}), bool(info.get("relu_after_norm")))
+    from ..relu.modules import read_relu_info  # noqa: PLC0415
+
+    info = read_relu_info(path)  # a relufied model (actsparse.relu.save_relufied)
+    if info is not None:
+        _apply_relu_info(model, info["fat_thresholds"], info["relu_after_norm"])
     return model
 
 

@@ -294,11 +294,16 @@ class Linear(nn.Module):
         """``r + self(x)`` for an fp32 residual stream r [B, T, N]. A sparse Triton linear at decode
         adds its product into r in place (``sparse_gemv_add_``: one kernel, no workspace, no
         arrival counter, no separate add); every other path returns ``r + self(x).float()``."""
-        if (self.sparse and self.backend == "triton" and not self.keeps_all and self.bias is None
-                and r.dtype == torch.float32 and r.is_contiguous() and x.shape[0] * x.shape[1] <= MAX_GEMV_ROWS
-                and not (self.prefill_dense and x.shape[1] > 1)):
+        if (self.sparse and self.backend == "triton" and self._gemv_rows(x) and self.bias is None
+                and r.dtype == torch.float32 and r.is_contiguous()):
             return self._sparse_add(x, r)
         return r + self(x).float()
+
+    def _gemv_rows(self, x: torch.Tensor) -> bool:
+        """Sparse mode: x [..., K] goes to a sparse GEMV (kernel or its reference), not to a dense
+        product (all thresholds <= 0, or a prompt under prefill_dense) or a masked matmul (> 8 rows)."""
+        prompt = self.prefill_dense and x.dim() == 3 and x.shape[1] > 1
+        return not (prompt or self.keeps_all) and x.numel() // self.in_features <= MAX_GEMV_ROWS
 
     @torch.compiler.disable
     def _sparse_add(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -323,10 +328,9 @@ class Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if (self.prefill_dense and x.dim() == 3 and x.shape[1] > 1) or self.keeps_all:
             y = self._dense_product(x2)
-        elif self.backend == "triton" and x2.shape[0] <= MAX_GEMV_ROWS:
-            y = _sparse_gemv()(x2, self.weight_t, self.thresholds)  # [M, N]
-        elif self.backend == "torch" and x2.shape[0] <= MAX_GEMV_ROWS:
-            y = _sparse_gemv_reference()(x2, self.weight_t, self.thresholds)
+        elif self._gemv_rows(x):
+            gemv = _sparse_gemv() if self.backend == "triton" else _sparse_gemv_reference()
+            y = gemv(x2, self.weight_t, self.thresholds)  # [M, N]
         else:  # prefill: same mask, compute-bound matmul
             y = (x2 * (x2.abs() > self.thresholds).to(x2.dtype)) @ self.weight_t
         if self.bias is not None:

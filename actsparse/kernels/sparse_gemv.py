@@ -259,6 +259,14 @@ def _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_ma
 
 
 @triton.jit
+def _list_kept(active, rows, scratch, cnt):
+    """Append the rows with active > 0 to scratch[cnt:], in order; returns the new count."""
+    rank = tl.cumsum(active, axis=0) - 1
+    tl.store(scratch + cnt + rank, rows, mask=active > 0)
+    return cnt + tl.sum(active, axis=0)
+
+
+@triton.jit
 def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
                   offs_j, offs_n, n_mask, offs_b, b_mask,
                   HAS_THRESHOLDS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -357,9 +365,7 @@ def _sparse_gemv_compact_kernel(
             if HAS_THRESHOLDS:
                 thr_n = tl.load(thr_ptr + rows + CHUNK, mask=in_n, other=0.0)
             active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
-            rank = tl.cumsum(active, axis=0) - 1
-            tl.store(scratch + cnt + rank, rows, mask=active > 0)
-            cnt += tl.sum(active, axis=0)
+            cnt = _list_kept(active, rows, scratch, cnt)
     else:
         for c in range(0, ROWS, CHUNK):
             rows = k_lo + c + offs_c
@@ -377,9 +383,7 @@ def _sparse_gemv_compact_kernel(
             else:
                 x_c = tl.load(x_ptr + rows, mask=in_r, other=0.0)
                 active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
-            rank = tl.cumsum(active, axis=0) - 1
-            tl.store(scratch + cnt + rank, rows, mask=active > 0)
-            cnt += tl.sum(active, axis=0)
+            cnt = _list_kept(active, rows, scratch, cnt)
     tl.debug_barrier()  # the CTA's index stores are visible to all of its threads
 
     # Pass 2: full tiles of kept rows. Indices of tile t + 1 are fetched during tile t.

@@ -219,18 +219,30 @@ def save_relufied(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metad
     return out_dir
 
 
+def read_relu_info(path: str | os.PathLike) -> dict | None:
+    """The record ``save_relufied`` wrote in ``path`` ({"fat_thresholds": {site: T},
+    "relu_after_norm": bool, ...}), checked; None if ``path`` holds none."""
+    info_path = Path(path) / RELU_CONFIG_FILE
+    if not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        thresholds = {str(k): float(v) for k, v in info["fat_thresholds"].items()}
+        after_norm = info["relu_after_norm"]
+        if not isinstance(after_norm, bool):
+            raise TypeError(f"relu_after_norm must be true or false, got {after_norm!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ActsparseError(f"{info_path} is not a valid actsparse ReLU record: {exc}") from exc
+    return {**info, "fat_thresholds": thresholds}
+
+
 def restore_relu_(model: nn.Module, path: str | os.PathLike) -> dict:
     """Apply the FATReLU thresholds and norm ReLUs recorded in ``path/actsparse_relu.json`` to a
     model loaded from that folder; returns the recorded info. (``load_model`` calls it.)"""
-    info_path = Path(path) / RELU_CONFIG_FILE
-    if not info_path.exists():
+    info = read_relu_info(path)
+    if info is None:
         raise ActsparseError(f"{path} holds no {RELU_CONFIG_FILE}: not written by save_relufied")
-    try:
-        info = json.loads(info_path.read_text())
-        config = ReluConfig(layer_thresholds=info["fat_thresholds"], relu_after_norm=info["relu_after_norm"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ActsparseError(f"{info_path} is not a valid actsparse ReLU record: {exc}") from exc
-    relufy_(model, config)
+    relufy_(model, ReluConfig(layer_thresholds=info["fat_thresholds"], relu_after_norm=info["relu_after_norm"]))
     return info
 
 
@@ -238,9 +250,8 @@ def load_relufied(path: str | os.PathLike, dtype=torch.float32, device="cpu"):
     """Load a folder written by :func:`save_relufied`; returns ``(model, tokenizer, info)``."""
     from ..models import load_model
 
-    path = Path(path)
-    if not (path / RELU_CONFIG_FILE).exists():
+    info = read_relu_info(path)
+    if info is None:
         raise ActsparseError(f"{path} holds no {RELU_CONFIG_FILE}: not written by save_relufied")
     model, tokenizer = load_model(path, dtype=dtype, device=device)  # restores thresholds (restore_relu_)
-    info = json.loads((path / RELU_CONFIG_FILE).read_text())
     return model, tokenizer, info
