@@ -489,6 +489,66 @@ def run_sweep_down_add() -> dict:
     return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
 
 
+def tall_grid() -> list:
+    """Taller tiles (128/256 kept rows per tile, so a program's kept rows fit in one or two tiles),
+    with per-row partials where they fit in 64 registers, else summed per tile (tile_sum), next
+    to the default 64x128 tiles; 2 and 4 programs per SM; compaction chunk prefetched."""
+    shapes = [(64, 128, 4, False), (128, 64, 4, False), (128, 128, 8, False), (128, 128, 4, True),
+              (128, 256, 8, True), (256, 64, 8, False), (256, 64, 4, True), (256, 128, 4, True),
+              (256, 128, 8, True)]
+    return [C(bk, bn, 1, w, p, compact=True, prefetch=True, tile_sum=ts)
+            for bk, bn, w, ts in shapes for p in (2, 4)]
+
+
+def run_sweep_tall() -> dict:
+    """The tall-tile grid in the launch form each problem runs in, each config checked against the
+    fp64 reference in that form first: ProSparse step 3 (7B/13B down at 67/89%, add + pdl), and
+    the Llama-3-8B engine shapes at s=0.5 (qkv and gate_up plain, o and down add, no pdl)."""
+    grid, dropped = [], []
+    xs, thrs, _ = make_inputs(1100, 1, 0.85, 1, torch.bfloat16, seed=302)
+    w_t = torch.randn(1100, 333, device=DEVICE, dtype=torch.bfloat16) / math.sqrt(1100)
+    ref = reference64(xs[0], w_t, thrs[0])
+    for cfg in tall_grid():
+        start = torch.randn(1, 333, device=DEVICE)
+        try:
+            err_add = rel_err(sg._sparse_gemv_add_impl(start.clone(), xs[0], w_t, thrs[0], config=cfg) - start, ref)
+            err = max(err_add, rel_err(sg._sparse_gemv_impl(xs[0], w_t, thrs[0], config=cfg).float(), ref))
+        except Exception as exc:  # noqa: BLE001 (reported in the JSON)
+            err = float("inf")
+            log(f"  {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+        (grid if err < 1e-2 else dropped).append(cfg if err < 1e-2 else {"config": str(cfg), "err": err})
+    log(f"sweep-tall: {len(grid)} configs pass the check, {len(dropped)} dropped")
+    problems = [("prosparse-7b.down", 11008, 4096, (0.67, 0.89), True, True),
+                ("prosparse-13b.down", 13824, 5120, (0.67, 0.89), True, True)]
+    problems += [(name, K, N, (0.5,), name.endswith(("o", "down")), False) for name, (K, N) in SHAPES.items()
+                 if name.startswith("llama3-8b")]
+    rows = []
+    for name, K, N, sps, add, pdl in problems:
+        prob = Problem(K, N)
+        dense_us = min(prob.time_dense(1, seed=5))
+        for sp in sps:
+            configs = [dataclasses.replace(c, pdl=pdl) for c in grid]
+            default = dataclasses.replace(pick_config(K, N, 1), pdl=pdl)
+            if default not in configs:
+                configs.append(default)
+            times, kept = {}, {}
+            for c in configs:
+                times[str(c)], kept[str(c)] = prob.time_sparse(1, sp, c, seed=5, accumulate=add)
+            best = min(times, key=times.get)
+            rows_read = kept[best]
+            rows.append({"shape": name, "K": K, "N": N, "s": sp, "form": ("add" if add else "plain") + ("+pdl" if pdl else ""),
+                         "dense_us": round(dense_us, 2), "default": str(default),
+                         "default_us": round(times[str(default)], 2), "best": best, "best_us": round(times[best], 2),
+                         "best_eff_tb_s": round(rows_read * N * 2 / times[best] / 1e6, 3),
+                         "default_eff_tb_s": round(rows_read * N * 2 / times[str(default)] / 1e6, 3),
+                         "times_us": {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])}})
+            log(f"sweep-tall {name:20s} s={sp:.2f} dense {dense_us:6.2f} us; default {default} "
+                f"{times[str(default)]:6.2f} (x{dense_us / times[str(default)]:.2f}); best {best} {times[best]:6.2f} "
+                f"(x{dense_us / times[best]:.2f}, {rows[-1]['best_eff_tb_s']:.2f} TB/s)")
+        prob.free()
+    return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
+
+
 def _save_everywhere(doc: dict, out: str) -> None:
     """The record at --out, and a copy under $OUT when that is set (the device tool's folder)."""
     save_json(doc, out)
@@ -505,6 +565,8 @@ def main(argv=None) -> int:
                     help="only a grid sweep of down-projection shapes (ProSparse step 3), after the gate")
     ap.add_argument("--sweep-down-add", action="store_true",
                     help="only a grid sweep of ProSparse step 3 in the add + pdl + prefetch form, after the gate")
+    ap.add_argument("--sweep-tall", action="store_true",
+                    help="only the tall-tile grid on ProSparse step 3 and the Llama-3-8B shapes, after the gate")
     ap.add_argument("--variants", action="store_true",
                     help="only the launch-form comparison (plain / pdl / add / add+pdl) at B=1, after the gate")
     ap.add_argument("--save-choice", default=None,
@@ -537,6 +599,7 @@ def main(argv=None) -> int:
                                for r in rows]
     only = [  # (flag, key in the JSON, run, summary rows): modes that time one thing and stop
         (args.sweep_down_add, "sweep_down_add", run_sweep_down_add, lambda d: sweep_rows(d["rows"])),
+        (args.sweep_tall, "sweep_tall", run_sweep_tall, lambda d: sweep_rows(d["rows"])),
         (args.variants, "variants", lambda: run_variants(ceiling["tb_s"]),
          lambda d: [[r["shape"], r["s"], r["dense_us"]] + [r[f]["us"] for f in
                     ("plain", "pdl", "add", "add_pdl", "plain_pf", "add_pdl_pf", "add_pdl_pf1024")] for r in d]),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -158,9 +159,11 @@ def compiled_kernel_resources() -> list:
     return rows
 
 
-def bench_b2b_us(fns, smoke: bool) -> float:
-    """Per-call microseconds of fns run back to back (each fn on its own weight copy) in one CUDA
-    graph, L2 flushed before each replay: no launch gaps, no L2 reuse between calls."""
+def bench_b2b_us(fns, smoke: bool, repeat: int = 1) -> float:
+    """Per-call microseconds of fns run back to back (each fn on its own weight copy), `repeat`
+    passes over them, in one CUDA graph; L2 flushed before each replay. Enough copies that a copy's
+    rows have left L2 before its next use; enough calls that the replay's own start is amortised."""
+    fns = list(fns) * repeat
     if smoke:
         t0 = time.perf_counter()
         for fn in fns:
@@ -183,8 +186,11 @@ def bench_b2b_us(fns, smoke: bool) -> float:
     return ms * 1e3 / len(fns)
 
 
-def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke, copies=8,
-                           failures=None):
+TALL_STEP3 = ((128, 64, 4, 4, False), (128, 128, 4, 4, True), (256, 64, 4, 4, True), (128, 128, 8, 2, False))
+
+
+def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke, copies=16,
+                           failures=None, repeat=2):
     """Back-to-back timing of steps 2 and 3 and of the whole MLP. Step 3 comes in four forms:
     ``sparse_gemv`` (y = h W_down^T), ``sparse_gemv_add_`` (r += h W_down^T into an fp32 residual:
     no workspace, counter or final pass), each with and without programmatic dependent launch.
@@ -202,6 +208,10 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
         cfg = sg.pick_config(d_ff, d_model, 1)
         cfg_pdl = dataclasses.replace(cfg, pdl=True)
         cfg_pdl_pf = dataclasses.replace(cfg, pdl=True, prefetch=True)
+        # taller tiles (bench_sparse_gemv.py --sweep-tall): (block_k, block_n, warps, programs/SM, tile_sum)
+        tall = {f"tall_{c}": c for c in (sg.GemvConfig(bk, bn, num_warps=w, programs_per_sm=p, compact=True,
+                                                          prefetch=True, tile_sum=ts, pdl=True)
+                                         for bk, bn, w, p, ts in TALL_STEP3)}
         for sparsity in (0.67, 0.89):
             x, thr, row_mask, ref, active = problem(name, "relu", sparsity, True)
             hs = [sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps]
@@ -212,7 +222,7 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                 ("step3_add", lambda c: sg._sparse_gemv_add_impl(
                     torch.ones_like(rs[0]), hs[0], base["w_down_t"], None, config=c) - 1),
             ):
-                for c in (cfg, cfg_pdl, cfg_pdl_pf):
+                for c in (cfg, cfg_pdl, cfg_pdl_pf, *tall.values()):
                     err = ((fn(c) - exact).norm() / exact.norm()).item()
                     if not err < 1e-2 and failures is not None:
                         failures.append(f"b2b {name} s={sparsity} {label} {c}: rel err {err:.2e}")
@@ -230,24 +240,33 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                     sg._sparse_gemv_add_impl(r, h, m["w_down_t"], None, config=c)
                 return [lambda m=m, r=r: run(m, r) for m, r in zip(reps, rs)]
 
+            b2b = functools.partial(bench_b2b_us, smoke=smoke, repeat=repeat)
             us = {
-                "dense_step2": bench_b2b_us([lambda m=m: dense_step2(x, m, "relu") for m in reps], smoke),
-                "dense_step2_gemv_only": bench_b2b_us([lambda m=m: F.linear(x, m["w_gate_up"]) for m in reps], smoke),
-                "sparse_step2_mask": bench_b2b_us(
-                    [lambda m=m: sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps], smoke),
-                "sparse_step2_nomask": bench_b2b_us(
-                    [lambda m=m: sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu") for m in reps], smoke),
-                "dense_step3": bench_b2b_us([lambda m=m, h=h: F.linear(h, m["w_down"]) for m, h in zip(reps, hs)], smoke),
-                "sparse_step3": bench_b2b_us(step3(cfg, False), smoke),
-                "sparse_step3_pdl": bench_b2b_us(step3(cfg_pdl, False), smoke),
-                "sparse_step3_add": bench_b2b_us(step3(cfg, True), smoke),
-                "sparse_step3_add_pdl": bench_b2b_us(step3(cfg_pdl, True), smoke),
-                "sparse_step3_add_pdl_pf": bench_b2b_us(step3(cfg_pdl_pf, True), smoke),
-                "dense_mlp": bench_b2b_us(
-                    [lambda m=m: F.linear(dense_step2(x, m, "relu"), m["w_down"]) for m in reps], smoke),
-                "sparse_mlp_add": bench_b2b_us(whole_sparse(cfg), smoke),
-                "sparse_mlp_add_pdl": bench_b2b_us(whole_sparse(cfg_pdl), smoke),
+                "dense_step2": b2b([lambda m=m: dense_step2(x, m, "relu") for m in reps]),
+                "dense_step2_gemv_only": b2b([lambda m=m: F.linear(x, m["w_gate_up"]) for m in reps]),
+                "sparse_step2_mask": b2b(
+                    [lambda m=m: sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps]),
+                "sparse_step2_nomask": b2b(
+                    [lambda m=m: sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu") for m in reps]),
+                "dense_step3_linear": b2b([lambda m=m, h=h: F.linear(h, m["w_down"]) for m, h in zip(reps, hs)]),
+                "dense_step3_matmul": b2b([lambda m=m, h=h: h @ m["w_down_t"] for m, h in zip(reps, hs)]),
+                # the previous method (8 calls per graph) for the default form and dense, for continuity
+                "dense_step3_linear_8calls": bench_b2b_us(
+                    [lambda m=m, h=h: F.linear(h, m["w_down"]) for m, h in zip(reps[:8], hs[:8])], smoke),
+                "sparse_step3_add_pdl_pf_8calls": bench_b2b_us(step3(cfg_pdl_pf, True)[:8], smoke),
+                "sparse_step3": b2b(step3(cfg, False)),
+                "sparse_step3_pdl": b2b(step3(cfg_pdl, False)),
+                "sparse_step3_add": b2b(step3(cfg, True)),
+                "sparse_step3_add_pdl": b2b(step3(cfg_pdl, True)),
+                "sparse_step3_add_pdl_pf": b2b(step3(cfg_pdl_pf, True)),
+                "dense_mlp": b2b(
+                    [lambda m=m: F.linear(dense_step2(x, m, "relu"), m["w_down"]) for m in reps]),
+                "sparse_mlp_add": b2b(whole_sparse(cfg)),
+                "sparse_mlp_add_pdl": b2b(whole_sparse(cfg_pdl)),
+                **{f"sparse_step3_add_pdl_{k}": b2b(step3(c, True)) for k, c in tall.items()},
             }
+            # dense step 3: the faster of the two cuBLAS layouts
+            us["dense_step3"] = min(us["dense_step3_linear"], us["dense_step3_matmul"])
             row = {"shape": name, "sparsity_actual": 1 - int(active.sum()) / active.numel(), "copies": copies,
                    "step3_config": str(cfg), "us": us,
                    "speedup": {"step2_mask": us["dense_step2"] / us["sparse_step2_mask"],
@@ -258,6 +277,10 @@ def prosparse_back_to_back(mlps, shapes, problem, dense_step2, sparse_gate_up, s
                                "step3_add": us["dense_step3"] / us["sparse_step3_add"],
                                "step3_add_pdl": us["dense_step3"] / us["sparse_step3_add_pdl"],
                                "step3_add_pdl_pf": us["dense_step3"] / us["sparse_step3_add_pdl_pf"],
+                               **{f"step3_add_pdl_{k}": us["dense_step3"] / us[f"sparse_step3_add_pdl_{k}"]
+                                  for k in tall},
+                               "step3_add_pdl_pf_8calls": us["dense_step3_linear_8calls"]
+                               / us["sparse_step3_add_pdl_pf_8calls"],
                                "mlp_add": us["dense_mlp"] / us["sparse_mlp_add"],
                                "mlp_add_pdl": us["dense_mlp"] / us["sparse_mlp_add_pdl"]}}
             rows.append(row)
@@ -281,8 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the full results here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter, no real timing")
     parser.add_argument("--b2b", action="store_true",
-                        help="also time (a) as a CUDA graph of back-to-back calls on 8 weight copies "
-                             "(the method of the GEMV section), per-call time")
+                        help="also time (a) as a CUDA graph of back-to-back calls on 16 weight copies, "
+                             "two passes (32 calls; the method of the GEMV section), per-call time")
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -590,7 +613,8 @@ def main(argv=None) -> int:
     # ---------------- (a') back-to-back calls on weight copies (opt-in) ----------------
     if args.b2b:
         results["prosparse_back_to_back"] = prosparse_back_to_back(
-            mlps, prosparse_shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke, failures=failures)
+            mlps, prosparse_shapes, problem, dense_step2, sparse_gate_up, sparse_gemv, smoke, failures=failures,
+            copies=2 if smoke else 16, repeat=1 if smoke else 2)
 
     if failures:  # checks made next to the timings (fresh inputs per row)
         print("GATE FAILED after timing, results withheld:", failures)

@@ -110,11 +110,12 @@ def test_matches_reference(K, N, B, s, dtype):
         GemvConfig(16, 64, programs_per_sm=1, compact=True, chunk=16),
         GemvConfig(16, 64, programs_per_sm=1, compact=True, chunk=16, prefetch=True),
         GemvConfig(32, 64, compact=True, chunk=32, prefetch=True, pdl=True),
+        GemvConfig(128, 64, programs_per_sm=2, compact=True, chunk=64, prefetch=True, tile_sum=True),
     ],
     ids=["pipelined-many-splits", "register-2warps", "pipelined", "register-dot-b1", "pipelined-dot-b1",
          "register-single-split", "pipelined-single-split", "compact-many-splits", "compact-2warps",
          "compact-dot-b1", "compact-single-split", "compact-chunk16", "compact-chunk16-prefetch",
-         "compact-chunk32-prefetch-pdl"],
+         "compact-chunk32-prefetch-pdl", "compact-tile-sum"],
 )
 @pytest.mark.parametrize("B", [1, 4])
 def test_configs(config, B):
@@ -262,6 +263,8 @@ ADD_CASES = [  # (K, N, B, sparsity%, dtype, config): odd shapes, split-K and si
     (300, 200, 1, 50, torch.bfloat16, GemvConfig(32, 128, num_warps=2)),  # register variant
     (300, 200, 1, 100, torch.bfloat16, None),  # nothing kept: out unchanged
     (577, 301, 1, 60, torch.float32, GemvConfig(16, 64, programs_per_sm=1, compact=True, chunk=16, prefetch=True)),
+    (1100, 333, 1, 85, torch.bfloat16, GemvConfig(128, 128, programs_per_sm=1, compact=True, tile_sum=True)),
+    (577, 301, 1, 60, torch.float16, GemvConfig(64, 64, programs_per_sm=1, compact=True, chunk=64, tile_sum=True)),
 ]
 
 

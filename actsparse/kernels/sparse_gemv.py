@@ -270,9 +270,11 @@ def _list_kept(active, rows, scratch, cnt):
 def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
                   offs_j, offs_n, n_mask, offs_b, b_mask,
                   HAS_THRESHOLDS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, TILE_SUM: tl.constexpr):
     """One tile of the compacting kernel: kept rows scratch[t : t + BLOCK_K] (indices `idx`,
-    fetched one tile ahead). Returns the new accumulator and the next tile's indices."""
+    fetched one tile ahead). Returns the new accumulator and the next tile's indices.
+    B = 1: acc is [BLOCK_K, BLOCK_N] per-row partials, or [1, BLOCK_N] with TILE_SUM (each tile
+    summed over its rows at once: fewer registers, so taller tiles fit)."""
     j_mask = (t + offs_j) < cnt
     p_offs = t + BLOCK_K + offs_j
     idx_next = tl.load(scratch + p_offs, mask=p_offs < cnt, other=0)
@@ -295,7 +297,10 @@ def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb
         acc = _dot_kept(x_tile, keep, w_tile, acc, DOT_FP32)
     else:
         x_j = tl.load(x_ptr + idx, mask=j_mask, other=0.0).to(tl.float32)  # every listed row is kept
-        acc += x_j[:, None] * w_tile.to(tl.float32)
+        if TILE_SUM:
+            acc += tl.sum(x_j[:, None] * w_tile.to(tl.float32), axis=0)[None, :]
+        else:
+            acc += x_j[:, None] * w_tile.to(tl.float32)
     return acc, idx_next
 
 
@@ -325,6 +330,7 @@ def _sparse_gemv_compact_kernel(
     CHUNK: tl.constexpr,  # power of two: rows scanned per step of the compaction pass
     PREFETCH: tl.constexpr,  # B = 1: load the next chunk's x while ranking this one
     STATIC_LOOP: tl.constexpr,  # loop over all ROWS instead of the kept count (CPU interpreter)
+    TILE_SUM: tl.constexpr,  # B = 1: sum each tile over its rows at once (see _compact_tile)
     ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
 ):
@@ -391,6 +397,8 @@ def _sparse_gemv_compact_kernel(
     idx_next = tl.load(scratch + offs_j, mask=offs_j < cnt, other=0)
     if USE_DOT:
         acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
+    elif TILE_SUM:
+        acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # per-row partials, summed at the end
     if STATIC_LOOP:
@@ -399,13 +407,13 @@ def _sparse_gemv_compact_kernel(
         for t in range(0, ROWS, BLOCK_K):
             acc, idx_next = _compact_tile(t, cnt, idx_next, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
                                           offs_j, offs_n, n_mask, offs_b, b_mask,
-                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K)
+                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K, TILE_SUM)
     else:
         for t in range(0, cnt, BLOCK_K):
             acc, idx_next = _compact_tile(t, cnt, idx_next, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
                                           offs_j, offs_n, n_mask, offs_b, b_mask,
-                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K)
-    if not USE_DOT:
+                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K, TILE_SUM)
+    if not USE_DOT and not TILE_SUM:
         acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE)
 
@@ -427,6 +435,7 @@ class GemvConfig:
     pdl: bool = False  # programmatic dependent launch on Hopper+ (ignored elsewhere)
     chunk: int = 512  # compacting variant: rows per compaction step (2048 measured slower)
     prefetch: bool = False  # compacting variant, B = 1: overlap the compaction steps' x loads
+    tile_sum: bool = False  # compacting variant, B = 1: reduce each tile at once (taller tiles fit)
 
     def __post_init__(self):
         for name in ("block_k", "block_n", "max_steps", "chunk"):
@@ -445,7 +454,8 @@ class GemvConfig:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
         return (f"{'c-' if self.compact else ''}bk{self.block_k}-bn{self.block_n}-st{self.num_stages}"
                 f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-pdl' if self.pdl else ''}"
-                f"{'' if self.chunk == 512 else f'-ch{self.chunk}'}{'-pf' if self.prefetch else ''}")
+                f"{'' if self.chunk == 512 else f'-ch{self.chunk}'}{'-pf' if self.prefetch else ''}"
+                f"{'-ts' if self.tile_sum else ''}")
 
 
 def _next_pow2(n: int) -> int:
@@ -713,6 +723,7 @@ def _launch(
             CHUNK=min(config.chunk, _next_pow2(rows)),
             PREFETCH=config.prefetch,
             STATIC_LOOP=_interpreting(),
+            TILE_SUM=config.tile_sum and not use_dot,
             **common,
         )
         return y
