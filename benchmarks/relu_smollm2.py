@@ -98,6 +98,11 @@ def parse_args(argv=None):
     p.add_argument("--sample-cache", default="", help="load the sampled windows from this file if it exists, "
                    "else save them there (reuse across runs on one machine)")
     p.add_argument("--skip-l1-off", action="store_true", help="no ReLU run with the L1 term off")
+    p.add_argument("--control-from", default="",
+                   help="take the SiLU control from this earlier run's JSON (same steps and training data) "
+                        "instead of training it again: a run too long for one call can be split in two")
+    p.add_argument("--sample-backend", default="auto", choices=("auto", "engine", "hf"),
+                   help="sampler for --sample-tokens (auto: the decode engine on CUDA)")
     p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
     p.add_argument("--fat-target", type=float, default=0.0,
                    help="also report each L1 run with the FATReLU threshold of this holdout sparsity; 0 = no")
@@ -231,7 +236,7 @@ def main(argv=None) -> int:
     extra = None
     if args.sample_tokens:
         t0 = time.time()
-        sc = SampleConfig(tokens=args.sample_tokens, seq_len=args.context, seed=0)
+        sc = SampleConfig(tokens=args.sample_tokens, seq_len=args.context, seed=0, backend=args.sample_backend)
         cache = Path(args.sample_cache) if args.sample_cache else None
         if cache is not None and cache.exists():
             extra = torch.load(cache)
@@ -384,7 +389,21 @@ def main(argv=None) -> int:
         save()
         return model
 
-    control = run("silu_finetune_control", silu=True)
+    if args.control_from:
+        earlier = json.loads(Path(args.control_from).read_text())
+        for key in ("steps", "batch_tokens"):
+            if earlier["budget"][key] != doc["budget"][key]:
+                raise SystemExit(f"--control-from: {key} {earlier['budget'][key]} != {doc['budget'][key]}")
+        if earlier["data"] != doc["data"]:
+            raise SystemExit(f"--control-from: training data differ: {earlier['data']} vs {doc['data']}")
+        doc["stages"]["silu_finetune_control"] = earlier["stages"]["silu_finetune_control"]
+        doc["runs"]["silu_finetune_control"] = earlier["runs"]["silu_finetune_control"]
+        doc["control_from"] = {"file": args.control_from, "date": earlier["date"], "commit": earlier["commit"]}
+        log(f"control taken from {args.control_from} ({earlier['date']}): eval ppl "
+            f"{doc['stages']['silu_finetune_control']['eval_ppl']:.3f}")
+        control = True  # figures only: the cross-check below needs the model itself
+    else:
+        control = run("silu_finetune_control", silu=True)
     ra, hd = args.relu_distill_alpha, args.hidden_distill
     tag = (f"_distill{ra:g}" if ra else "") + (f"_hidden{hd:g}" if hd else "") + ("_lw" if start_model else "")
     tag += "_sampled" if extra is not None else ""
@@ -410,7 +429,7 @@ def main(argv=None) -> int:
     # Cross-check our batched evaluation with the library's perplexity on the control model.
     try:
         from actsparse.evaluate import perplexity
-        if control is not None:
+        if control is not None and control is not True:
             ref = perplexity(control, tok, evaltext, context=args.context, max_tokens=args.eval_tokens, progress=False)
             doc["crosscheck_control_eval_ppl_actsparse_evaluate"] = ref["ppl"]
     except ImportError:

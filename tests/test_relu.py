@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -473,8 +474,37 @@ def test_sample_teacher_windows_and_extra_training_windows():
     with pytest.raises(ActsparseError, match="too few"):
         sample_teacher_windows(teacher, ids[:5], config, progress=False)
 
+    with pytest.raises(ActsparseError, match="backend"):
+        SampleConfig(tokens=10, seq_len=24, backend="vllm")
+
     packed = PackedText(ids, 24, seed=0, extra=windows)
     assert len(packed) == ids.numel() // 24 + 5
     assert torch.equal(packed.windows[-5:], windows)
     with pytest.raises(ActsparseError):
         PackedText(ids, 16, seed=0, extra=windows)  # window length must match
+
+
+def test_sample_teacher_windows_engine_backend():
+    """The decode-engine sampler (the default on CUDA), run here on the CPU: prefixes come from the
+    text, runs are seeded, the short last batch is padded and trimmed, and at a near-zero
+    temperature it continues each prefix exactly as the teacher's own greedy decoding does."""
+    from actsparse.relu import SampleConfig, sample_teacher_windows
+
+    teacher = tiny_model("llama", vocab_size=257).requires_grad_(False).eval()
+    ids = torch.as_tensor(hf_byte_tokenizer()(TEXT)["input_ids"]).reshape(-1)
+    config = SampleConfig(tokens=100, seq_len=24, prompt_len=8, batch_size=3, seed=4, backend="engine")
+    windows = sample_teacher_windows(teacher, ids, config, progress=False)
+    assert windows.shape == (5, 24) and windows.dtype == torch.long  # batches of 3 and 2 (padded to 3)
+    text = ids.tolist()
+    for w in windows.tolist():
+        assert any(text[i:i + 8] == w[:8] for i in range(len(text) - 8))
+    assert torch.equal(windows, sample_teacher_windows(teacher, ids, config, progress=False))
+    other = sample_teacher_windows(teacher, ids, dataclasses.replace(config, seed=5), progress=False)
+    assert not torch.equal(windows[:, 8:], other[:, 8:])
+
+    cold = sample_teacher_windows(teacher, ids, dataclasses.replace(config, temperature=1e-6), progress=False)
+    with torch.no_grad():
+        seq = cold[:, :8]
+        for _ in range(16):  # the teacher's greedy continuation (HF forward, no cache)
+            seq = torch.cat([seq, teacher(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cold, seq)
