@@ -193,6 +193,7 @@ def test_cats_mlp_equals_reference_formula(fam):
     assert rel_err(h_k, h.reshape(-1, h.shape[-1])) < 1e-5
 
 
+@pytest.mark.interpreter
 def test_cats_kernel_path_matches_torch_path_under_interpreter():
     pytest.importorskip("triton")
     _, mlp = _cats_mlp("llama")

@@ -138,6 +138,7 @@ def sparse_llama_engine(tmp_path):
     return engine, ids
 
 
+@pytest.mark.interpreter
 def test_triton_backend_matches_reference(tmp_path):
     """The sparse_gemv kernel (Triton interpreter on the CPU) inside the engine = the torch path."""
     pytest.importorskip("triton")
@@ -402,6 +403,7 @@ def test_act_boundary_splits_the_compiled_block_and_keeps_logits():
     assert rel_err(ref[:, -1], full[:, -1]) < 1e-4  # prefill+decode vs one prefill: same model
 
 
+@pytest.mark.interpreter
 def test_sparsify_relu_skips_zero_rows_and_keeps_logits():
     """ReLU MLP with FATReLU thresholds: step 3 (the down projection reads only rows of nonzero h)
     and step 2 (sparse_gate_up reads only the up rows of kept neurons) keep the logits of the
@@ -455,6 +457,7 @@ def test_sparsify_relu_skips_zero_rows_and_keeps_logits():
     assert teal.layers[1].feed_forward.gate_up_backend == "torch"  # gate/up thresholds are zero
 
 
+@pytest.mark.interpreter
 def test_fused_residual_keeps_logits(tmp_path):
     """set_fused_residual_: an fp32 residual stream, sparse Triton o/down products added into it
     in place (sparse_gemv_add_). In fp32 it is the same model: logits of every combination of

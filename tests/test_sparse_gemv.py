@@ -23,9 +23,7 @@ from actsparse.kernels.sparse_gemv import (
     sparse_gemv_reference,
 )
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests need TRITON_INTERPRET=1"
-)
+pytestmark = pytest.mark.interpreter  # Triton kernels on CPU tensors (skipped when TRITON_INTERPRET=0)
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
 DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

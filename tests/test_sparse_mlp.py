@@ -22,6 +22,8 @@ from actsparse.kernels.sparse_mlp import (
     sparse_gate_up_reference,
 )
 
+pytestmark = pytest.mark.interpreter  # Triton kernels on CPU tensors
+
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
 DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

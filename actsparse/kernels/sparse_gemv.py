@@ -670,6 +670,17 @@ def _masked_dense_gemv(
     return x_kept @ w_t
 
 
+def _launcher(kernel):
+    """``wrap_triton(kernel)``, so that torch.compile traces through the launch. Some torch versions
+    (2.11) refuse the CPU interpreter's kernels there; those are then launched directly."""
+    try:
+        return wrap_triton(kernel)
+    except RuntimeError:
+        if _interpreting():
+            return kernel
+        raise
+
+
 def _launch(
     x: torch.Tensor,  # [B, K], 1 <= B <= 8
     w_t: torch.Tensor,  # [K, N]
@@ -716,7 +727,7 @@ def _launch(
         common.update(USE_PDL=True, launch_pdl=True)
     if config.compact:
         rows = steps * config.block_k
-        wrap_triton(_sparse_gemv_compact_kernel)[(grid_n, grid_k)](
+        _launcher(_sparse_gemv_compact_kernel)[(grid_n, grid_k)](
             x, w_t, thresholds if thresholds is not None else x, y, acc, counts, idx,
             B, K, N, x.stride(0),
             ROWS=rows,
@@ -727,7 +738,7 @@ def _launch(
             **common,
         )
         return y
-    wrap_triton(_sparse_gemv_kernel)[(grid_n, grid_k)](
+    _launcher(_sparse_gemv_kernel)[(grid_n, grid_k)](
         x,
         w_t,
         thresholds if thresholds is not None else x,

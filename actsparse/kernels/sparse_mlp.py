@@ -357,6 +357,7 @@ def _check_inputs(x, w_gate, w_up, gate_threshold, activation, row_mask) -> None
 
 
 if HAS_TRITON:
+    from .sparse_gemv import _launcher  # wrap_triton, or a direct launch for the interpreter where needed
 
     @torch.library.triton_op("actsparse::sparse_gate_up", mutates_args=())
     def _sparse_gate_up_op(
@@ -371,7 +372,7 @@ if HAS_TRITON:
         h = torch.empty((x.shape[0], w_gate.shape[0]), dtype=x.dtype, device=x.device)
         _launch_sparse_gate_up(
             x, w_gate, w_up, gate_threshold, activation, row_mask, h,
-            up_with_gate=up_with_gate, kernel_runner=torch.library.wrap_triton,
+            up_with_gate=up_with_gate, kernel_runner=_launcher,
         )
         return h
 
