@@ -145,7 +145,7 @@ def relufy(
     out: str = typer.Option(..., help="output folder (checkpoints during training, HF model folder at the end)"),
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
     text: str = typer.Option("wiki_calib", help="training text (its last 5% is held out to pick FATReLU)"),
-    steps: int = typer.Option(400, help="optimizer steps of the end-to-end fine-tune"),
+    steps: int = typer.Option(1400, help="optimizer steps of the end-to-end fine-tune"),
     batch_tokens: int = typer.Option(8192, help="tokens per optimizer step"),
     micro_batch: Optional[int] = typer.Option(None, help="sequences per forward (gradient accumulation)"),
     seq_len: int = typer.Option(1024),
@@ -156,7 +156,7 @@ def relufy(
     layerwise_steps: int = typer.Option(1200, help="first fit each ReLU MLP to the original MLP (0: skip)"),
     layerwise_lr: float = typer.Option(3e-4, help="learning rate of the layer-wise MLP stage"),
     layerwise_l1_peak: float = typer.Option(2.0, help="peak L1 factor of the layer-wise stage (0: off)"),
-    sample_tokens: int = typer.Option(524288, help="tokens to sample from the original model and train on "
+    sample_tokens: int = typer.Option(4194304, help="tokens to sample from the original model and train on "
                                       "with the text (0: none)"),
     fat_tol: Optional[float] = typer.Option(0.01, help="FATReLU: largest T with held-out ppl within this fraction"),
     fat_sparsity: Optional[float] = typer.Option(None, help="FATReLU: T for this held-out sparsity instead"),

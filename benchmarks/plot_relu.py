@@ -21,6 +21,7 @@ RUNS = [  # (file, label)
     ("benchmarks/results/relu_smollm2_h100_lw3.json", "run 5: layer-wise 1200, L1 2"),
     ("benchmarks/results/relu_smollm2_h100_lw4.json", "run 6: layer-wise 2000, L1 4"),
     ("benchmarks/results/relu_smollm2_h100_lw5.json", "run 7: run 5 + 512k sampled tokens"),
+    ("benchmarks/results/relu_smollm2_h100_lw6.json", "run 8: run 7 with 4M sampled tokens, 1400 steps"),
 ]
 
 
