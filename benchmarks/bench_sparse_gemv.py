@@ -451,40 +451,58 @@ def run_sweep_down() -> dict:
     return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
 
 
+def _check_configs(configs, label, K, N, s, seed, plain=False):
+    """(configs that pass, dropped): each config's sparse_gemv_add_ (and, with plain, sparse_gemv)
+    on one (K, N) problem at sparsity s against the fp64 reference, rel. err. < 1e-2."""
+    grid, dropped = [], []
+    xs, thrs, _ = make_inputs(K, 1, s, 1, torch.bfloat16, seed=seed)
+    w_t = torch.randn(K, N, device=DEVICE, dtype=torch.bfloat16) / math.sqrt(K)
+    ref = reference64(xs[0], w_t, thrs[0])
+    for cfg in configs:
+        start = torch.randn(1, N, device=DEVICE)
+        try:
+            err = rel_err(sg._sparse_gemv_add_impl(start.clone(), xs[0], w_t, thrs[0], config=cfg) - start, ref)
+            if plain:
+                err = max(err, rel_err(sg._sparse_gemv_impl(xs[0], w_t, thrs[0], config=cfg).float(), ref))
+        except Exception as exc:  # noqa: BLE001 (reported in the JSON)
+            err = float("inf")
+            log(f"  {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+        (grid if err < 1e-2 else dropped).append(cfg if err < 1e-2 else {"config": str(cfg), "err": err})
+    log(f"{label}: {len(grid)} configs pass the check, {len(dropped)} dropped")
+    return grid, dropped
+
+
+def _sweep_problem(label, prob, name, sp, configs, default, dense_us, add, **extra) -> dict:
+    """Time every config on one problem; the row (default, best, effective TB/s, all times) and its log line."""
+    times, kept = {}, {}
+    for c in configs:
+        times[str(c)], kept[str(c)] = prob.time_sparse(1, sp, c, seed=5, accumulate=add)
+    default, best = str(default), min(times, key=times.get)
+    eff = lambda k: round(kept[k] * prob.N * 2 / times[k] / 1e6, 3)  # noqa: E731 (bytes of kept rows / time)
+    row = {"shape": name, "s": sp, **extra, "dense_us": round(dense_us, 2), "default": default,
+           "default_us": round(times[default], 2), "best": best, "best_us": round(times[best], 2),
+           "default_eff_tb_s": eff(default), "best_eff_tb_s": eff(best),
+           "times_us": {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])}}
+    log(f"{label} {name:20s} s={sp:.2f} dense {dense_us:6.2f} us; default {default} {times[default]:6.2f} "
+        f"(x{dense_us / times[default]:.2f}); best {best} {times[best]:6.2f} (x{dense_us / times[best]:.2f}, "
+        f"{row['best_eff_tb_s']:.2f} TB/s)")
+    return row
+
+
 def run_sweep_down_add() -> dict:
     """ProSparse step 3 in its fastest form (sparse_gemv_add_ with PDL and chunk prefetch): the
     down-projection grid (plus 6 programs per SM) at 67/89%, each config checked against the fp64
     reference in that form first. The plain-form sweep (run_sweep_down) picked the default tiles."""
     configs = [dataclasses.replace(c, pdl=True, prefetch=True) for c in down_grid()]
     configs += [C(bk, bn, 1, 4, 6, compact=True, pdl=True, prefetch=True) for bk, bn in ((32, 128), (64, 128), (64, 64))]
-    grid, dropped = [], []
-    xs, thrs, _ = make_inputs(11008, 1, 0.89, 1, torch.bfloat16, seed=301)
-    w_t = torch.randn(11008, 4096, device=DEVICE, dtype=torch.bfloat16) / math.sqrt(11008)
-    ref = reference64(xs[0], w_t, thrs[0])
-    for cfg in configs:
-        start = torch.randn(1, 4096, device=DEVICE)
-        try:
-            err = rel_err(sg._sparse_gemv_add_impl(start.clone(), xs[0], w_t, thrs[0], config=cfg) - start, ref)
-        except Exception as exc:  # noqa: BLE001 (reported in the JSON)
-            err = float("inf")
-            log(f"  {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
-        (grid if err < 1e-2 else dropped).append(cfg if err < 1e-2 else {"config": str(cfg), "err": err})
-    del w_t
-    log(f"sweep-down-add: {len(grid)} configs pass the check, {len(dropped)} dropped")
+    grid, dropped = _check_configs(configs, "sweep-down-add", 11008, 4096, 0.89, seed=301)
     rows = []
     for name, K, N in (("prosparse-7b.down", 11008, 4096), ("prosparse-13b.down", 13824, 5120)):
         prob = Problem(K, N)
         dense_us = min(prob.time_dense(1, seed=5))
         for sp in (0.67, 0.89):
-            times = {str(c): prob.time_sparse(1, sp, c, seed=5, accumulate=True)[0] for c in grid}
-            default = str(dataclasses.replace(pick_config(K, N, 1), pdl=True))
-            best = min(times, key=times.get)
-            rows.append({"shape": name, "s": sp, "dense_us": round(dense_us, 2), "default": default,
-                         "default_us": round(times[default], 2), "best": best, "best_us": round(times[best], 2),
-                         "times_us": {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])}})
-            log(f"sweep-down-add {name:20s} s={sp:.2f} dense {dense_us:6.2f} us; default {default} "
-                f"{times[default]:6.2f} (x{dense_us / times[default]:.2f}); best {best} {times[best]:6.2f} "
-                f"(x{dense_us / times[best]:.2f})")
+            default = dataclasses.replace(pick_config(K, N, 1), pdl=True)
+            rows.append(_sweep_problem("sweep-down-add", prob, name, sp, grid, default, dense_us, True))
         prob.free()
     return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
 
@@ -502,22 +520,9 @@ def tall_grid() -> list:
 
 def run_sweep_tall() -> dict:
     """The tall-tile grid in the launch form each problem runs in, each config checked against the
-    fp64 reference in that form first: ProSparse step 3 (7B/13B down at 67/89%, add + pdl), and
+    fp64 reference in both forms first: ProSparse step 3 (7B/13B down at 67/89%, add + pdl), and
     the Llama-3-8B engine shapes at s=0.5 (qkv and gate_up plain, o and down add, no pdl)."""
-    grid, dropped = [], []
-    xs, thrs, _ = make_inputs(1100, 1, 0.85, 1, torch.bfloat16, seed=302)
-    w_t = torch.randn(1100, 333, device=DEVICE, dtype=torch.bfloat16) / math.sqrt(1100)
-    ref = reference64(xs[0], w_t, thrs[0])
-    for cfg in tall_grid():
-        start = torch.randn(1, 333, device=DEVICE)
-        try:
-            err_add = rel_err(sg._sparse_gemv_add_impl(start.clone(), xs[0], w_t, thrs[0], config=cfg) - start, ref)
-            err = max(err_add, rel_err(sg._sparse_gemv_impl(xs[0], w_t, thrs[0], config=cfg).float(), ref))
-        except Exception as exc:  # noqa: BLE001 (reported in the JSON)
-            err = float("inf")
-            log(f"  {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
-        (grid if err < 1e-2 else dropped).append(cfg if err < 1e-2 else {"config": str(cfg), "err": err})
-    log(f"sweep-tall: {len(grid)} configs pass the check, {len(dropped)} dropped")
+    grid, dropped = _check_configs(tall_grid(), "sweep-tall", 1100, 333, 0.85, seed=302, plain=True)
     problems = [("prosparse-7b.down", 11008, 4096, (0.67, 0.89), True, True),
                 ("prosparse-13b.down", 13824, 5120, (0.67, 0.89), True, True)]
     problems += [(name, K, N, (0.5,), name.endswith(("o", "down")), False) for name, (K, N) in SHAPES.items()
@@ -531,20 +536,9 @@ def run_sweep_tall() -> dict:
             default = dataclasses.replace(pick_config(K, N, 1), pdl=pdl)
             if default not in configs:
                 configs.append(default)
-            times, kept = {}, {}
-            for c in configs:
-                times[str(c)], kept[str(c)] = prob.time_sparse(1, sp, c, seed=5, accumulate=add)
-            best = min(times, key=times.get)
-            rows_read = kept[best]
-            rows.append({"shape": name, "K": K, "N": N, "s": sp, "form": ("add" if add else "plain") + ("+pdl" if pdl else ""),
-                         "dense_us": round(dense_us, 2), "default": str(default),
-                         "default_us": round(times[str(default)], 2), "best": best, "best_us": round(times[best], 2),
-                         "best_eff_tb_s": round(rows_read * N * 2 / times[best] / 1e6, 3),
-                         "default_eff_tb_s": round(rows_read * N * 2 / times[str(default)] / 1e6, 3),
-                         "times_us": {k: round(v, 2) for k, v in sorted(times.items(), key=lambda kv: kv[1])}})
-            log(f"sweep-tall {name:20s} s={sp:.2f} dense {dense_us:6.2f} us; default {default} "
-                f"{times[str(default)]:6.2f} (x{dense_us / times[str(default)]:.2f}); best {best} {times[best]:6.2f} "
-                f"(x{dense_us / times[best]:.2f}, {rows[-1]['best_eff_tb_s']:.2f} TB/s)")
+            form = ("add" if add else "plain") + ("+pdl" if pdl else "")
+            rows.append(_sweep_problem("sweep-tall", prob, name, sp, configs, default, dense_us, add, K=K, N=N,
+                                       form=form))
         prob.free()
     return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
 
