@@ -303,10 +303,12 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--time-budget", type=float, default=480.0, help="skip remaining batches after this (s)")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--attention", default="matmul,reductions",
-                   help="decode-attention modes to time at B=1 (the fastest is used afterwards)")
+    p.add_argument("--attention", default="matmul,fused",
+                   help="decode-attention modes to time at B=1: matmul, reductions, fused (the fastest is "
+                        "used afterwards)")
     p.add_argument("--act-boundary", default="off,on",
-                   help="'on' adds a B=1 Inductor run with Transformer.set_act_boundary_ (first attention mode)")
+                   help="B=1 Inductor runs without ('off') and with ('on') Transformer.set_act_boundary_, "
+                        "for every attention mode")
     p.add_argument("--compare-fused-residual", action="store_true",
                    help="also time sparse B=1 at every sparsity with the other Transformer.set_fused_residual_ "
                         "setting than the default ('auto': on where an o/down projection is sparse)")
@@ -382,12 +384,11 @@ def main(argv=None) -> dict:
     # "dense" below. B>1 products are cuBLAS in both (Inductor only rewrites one-row matmuls).
     # Each decode-attention mode (--attention) is timed with Inductor's GEMVs at B=1; the fastest
     # (gemv, attention) pair is "dense" and is used for every later run.
-    # --act-boundary on: the same with the act(gate) * up / down-projection region boundary
-    # (Transformer.set_act_boundary_), with the first attention mode.
+    # --act-boundary off,on: each of those without and with the act(gate) * up / down-projection
+    # region boundary (Transformer.set_act_boundary_).
     dense_rate, dense_detail, dense_variants = {}, {}, {}
     gemv_best, attn_best, boundary_best = "inductor", attentions[0], False
-    runs = [(1, "cublas", attentions[0], False)] + [(1, "inductor", a, False) for a in attentions]
-    runs += [(1, "inductor", attentions[0], True) for on in act_boundaries if on]
+    runs = [(1, "cublas", attentions[0], False)] + [(1, "inductor", a, on) for a in attentions for on in act_boundaries]
     for b, gemv, attn, boundary in runs + [(b, None, None, None) for b in batches if b != 1]:
         if gemv is None:
             gemv, attn, boundary = gemv_best, attn_best, boundary_best

@@ -5,6 +5,8 @@ save_pretrained and loaded by the engine; fp32 on the CPU, so the tolerance is t
 Sparse runs apply the same thresholds to the HF model's linear inputs with forward pre-hooks.
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,11 +299,14 @@ def test_hf_view_of_engine_can_be_upcast_without_touching_the_engine():
 
 
 def test_decode_attention_modes_match(hf_and_engine):
-    """The one-token attention as fused reductions or as two batched matmuls: same logits as HF."""
+    """The one-token attention as fused reductions, as two batched matmuls, or as the Triton
+    decode_attention kernels (RoPE + cache write + attention; under the interpreter): same logits
+    as HF."""
     family, hf, engine = hf_and_engine
     ids = torch.randint(0, hf.config.vocab_size, (2, PROMPT_LEN + DECODE_STEPS))
     ref = hf_logits(hf, ids)
-    for mode in ("matmul", "reductions"):
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    for mode in ("matmul", "reductions") + (("fused",) if interpreting else ()):
         engine.set_decode_attention_(mode)
         assert rel_err(engine_logits(engine, ids), ref) < 1e-5, (family, mode)
     key = engine.sparse_key()
@@ -309,6 +314,9 @@ def test_decode_attention_modes_match(hf_and_engine):
     assert engine.sparse_key() != key  # a captured graph is tied to the attention mode
     with pytest.raises(ActsparseError):
         engine.set_decode_attention_("flash")
+    if not interpreting:
+        with pytest.raises(ActsparseError, match="CUDA"):
+            engine.set_decode_attention_("fused")
 
 
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)

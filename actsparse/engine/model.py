@@ -427,6 +427,13 @@ class Attention(nn.Module):
         # residual: fp32 [B, T, dim] to add the output into (fused residual), or None
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        if T == 1 and self.decode_attention == "fused":  # RoPE, cache write, attention: two kernels
+            from ..kernels.decode_attention import decode_attention  # noqa: PLC0415 (Triton is optional on CPU)
+
+            cache = self.kv_cache
+            y = decode_attention(self.wqkv(x).view(B, -1), cos, sin, mask, input_pos, cache.k_cache, cache.v_cache,
+                                 H, Hkv, D).view(B, 1, H * D)
+            return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
@@ -658,9 +665,17 @@ class Transformer(nn.Module):
 
     def set_decode_attention_(self, mode: str) -> "Transformer":
         """How a one-token step attends: "reductions" (elementwise products and sums that Inductor
-        fuses) or "matmul" (two batched GEMMs); both are exact up to rounding."""
-        if mode not in ("reductions", "matmul"):
-            raise ActsparseError(f"decode attention must be 'reductions' or 'matmul', got '{mode}'")
+        fuses), "matmul" (two batched GEMMs), or "fused" (``kernels/decode_attention``: RoPE, the
+        cache write and the attention in two Triton launches; CUDA, or TRITON_INTERPRET=1); all
+        exact up to rounding."""
+        if mode not in ("reductions", "matmul", "fused"):
+            raise ActsparseError(f"decode attention must be 'reductions', 'matmul' or 'fused', got '{mode}'")
+        if mode == "fused":
+            import os  # noqa: PLC0415
+
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ActsparseError("decode attention 'fused' runs Triton kernels: it needs a CUDA device "
+                                     "(or TRITON_INTERPRET=1)")
         for layer in self.layers:
             layer.attention.decode_attention = mode
         return self

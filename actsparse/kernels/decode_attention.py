@@ -1,0 +1,242 @@
+"""One-token (decode) attention with RoPE and the KV-cache write fused in: two launches per layer.
+
+At batch 1 the attention of a decode step moves little data (the cached keys and values of one
+layer, ~1.5 MB for Llama-3-8B at 384 positions), but the plain path spends six kernels on it:
+RoPE of q, RoPE of k with its cache write, the v cache write, q.K^T, softmax and P.V. Each costs a
+launch and a round trip, which at decode sizes is most of its time. Here:
+
+- ``_decode_attn_partial_kernel``, grid (batch x kv heads, position blocks): the program of a
+  block reads q (its G query heads) and the new k and v straight from the qkv projection's output,
+  applies RoPE in fp32 (cast back to the model dtype, as the plain path does), scores its block of
+  cached keys with ``tl.dot`` (the block holding the current position takes the new key and value
+  from registers and writes them to the cache), and stores its softmax partials (max, sum, P.V).
+- ``_decode_attn_combine_kernel``, grid (batch x kv heads): merges the partials of the blocks up
+  to the current position (flash-decoding) and writes y [B, H * D] in the model dtype.
+
+``decode_attention()`` registers the pair as the custom op ``actsparse::decode_attention`` (it
+mutates the caches), so torch.compile and CUDA graphs see through it; ``decode_attention_reference``
+is the pure-PyTorch semantics (the engine's plain path). Layers: this file, the engine's
+``Attention`` (``Transformer.set_decode_attention_("fused")``), ``tests/test_decode_attention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from .sparse_gemv import _interpreting, _launcher
+
+BLOCK_S = 64  # cached positions per program
+
+
+@triton.jit
+def _rope(x_ptr, xp_ptr, sign, cos, sin, mask):
+    """x * cos + rotate_half(x) * sin in fp32 (x: the head; xp: its partner half, sign -1 / +1)."""
+    x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(xp_ptr, mask=mask, other=0.0).to(tl.float32)
+    return x * cos + sign * xp * sin
+
+
+@triton.jit
+def _decode_attn_partial_kernel(
+    qkv_ptr,  # [B, (H + 2 Hkv) * D]: q heads, k heads, v heads of the current token
+    cos_ptr, sin_ptr,  # [D] fp32 at the current position
+    mask_ptr,  # [S] bool: positions the token attends to (causal, sliding window)
+    pos_ptr,  # [1] int64: the current position (its cache row is written here)
+    k_ptr, v_ptr,  # caches [Bc, Hkv, S, D] (Bc >= B), contiguous
+    m_ptr, l_ptr,  # [B, Hkv, NSPLIT, G_PAD] fp32: block max and sum of exp
+    acc_ptr,  # [B, Hkv, NSPLIT, G_PAD, D_PAD] fp32: block P.V
+    Hkv, S, stride_qkv, stride_kb, stride_kh, scale,
+    NSPLIT: tl.constexpr,  # position blocks (cdiv(S, BLOCK_S))
+    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    pos = tl.load(pos_ptr).to(tl.int32)
+    start = split * BLOCK_S
+    if start <= pos:
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        HALF: tl.constexpr = D // 2
+        d_mask = offs_d < D
+        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        cos = tl.load(cos_ptr + offs_d, mask=d_mask, other=0.0)
+        sin = tl.load(sin_ptr + offs_d, mask=d_mask, other=0.0)
+        row = qkv_ptr + b * stride_qkv
+        # q: [G_PAD, D_PAD], RoPE'd, rounded to the model dtype like the plain path
+        q_off = (h * G + offs_g)[:, None] * D
+        gd_mask = (offs_g < G)[:, None] & d_mask[None, :]
+        q = _rope(row + q_off + offs_d[None, :], row + q_off + partner[None, :], sign[None, :], cos[None, :],
+                  sin[None, :], gd_mask).to(qkv_ptr.dtype.element_ty)
+        k_off = (Hkv * G + h) * D
+        v_off = (Hkv * G + Hkv + h) * D
+        k_new = _rope(row + k_off + offs_d, row + k_off + partner, sign, cos, sin, d_mask).to(qkv_ptr.dtype.element_ty)
+        v_new = tl.load(row + v_off + offs_d, mask=d_mask, other=0.0)
+
+        offs_s = start + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < S
+        is_new = offs_s == pos
+        attend = (tl.load(mask_ptr + offs_s, mask=s_mask, other=0) != 0) & s_mask
+        cache = b * stride_kb + h * stride_kh + offs_s[:, None] * D + offs_d[None, :]
+        sd_mask = (attend & ~is_new)[:, None] & d_mask[None, :]  # rows not attended are never read
+        k = tl.load(k_ptr + cache, mask=sd_mask, other=0.0)
+        v = tl.load(v_ptr + cache, mask=sd_mask, other=0.0)
+        k = tl.where(is_new[:, None], k_new[None, :], k)  # [BLOCK_S, D_PAD]
+        v = tl.where(is_new[:, None], v_new[None, :], v)
+        if pos < start + BLOCK_S:  # this block holds the current position: write its cache row
+            tl.store(k_ptr + b * stride_kb + h * stride_kh + pos * D + offs_d, k_new, mask=d_mask)
+            tl.store(v_ptr + b * stride_kb + h * stride_kh + pos * D + offs_d, v_new, mask=d_mask)
+
+        if IEEE:  # fp32 models (exact fp32 products, not TF32), and the CPU interpreter
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(attend[None, :], scores, float("-inf"))
+        m = tl.max(scores, axis=1)  # [G_PAD]
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a block the window masks out entirely
+        p = tl.exp(scores - m_safe[:, None])
+        l_sum = tl.sum(p, axis=1)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")  # [G_PAD, D_PAD]
+        else:
+            acc = tl.dot(p.to(v.dtype), v)
+        ws = (pid_bh * NSPLIT + split) * G_PAD + offs_g
+        tl.store(m_ptr + ws, m)
+        tl.store(l_ptr + ws, l_sum)
+        tl.store(acc_ptr + ws[:, None] * D_PAD + offs_d[None, :], acc)
+
+
+@triton.jit
+def _decode_attn_combine_kernel(
+    m_ptr, l_ptr, acc_ptr, pos_ptr,
+    y_ptr,  # [B, H * D] in the model dtype
+    Hkv, stride_yb,
+    NSPLIT: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    used = tl.load(pos_ptr).to(tl.int32) // BLOCK_S + 1  # blocks that hold positions <= pos
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    # loops over every block with the unused ones masked (the CPU interpreter needs a host bound)
+    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
+    for i in range(0, NSPLIT):
+        used_g = (offs_g >= 0) & (i < used)
+        m_all = tl.maximum(m_all, tl.load(m_ptr + (pid_bh * NSPLIT + i) * G_PAD + offs_g, mask=used_g,
+                                          other=float("-inf")))
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.zeros([G_PAD], dtype=tl.float32)
+    y = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    for i in range(0, NSPLIT):
+        used_g = (offs_g >= 0) & (i < used)
+        ws = (pid_bh * NSPLIT + i) * G_PAD + offs_g
+        w = tl.exp(tl.load(m_ptr + ws, mask=used_g, other=float("-inf")) - m_all)  # 0: unused, or nothing attended
+        l_all += w * tl.load(l_ptr + ws, mask=used_g, other=0.0)
+        y += w[:, None] * tl.load(acc_ptr + ws[:, None] * D_PAD + offs_d[None, :], mask=used_g[:, None], other=0.0)
+    y = y / l_all[:, None]
+    out = y_ptr + b * stride_yb + (h * G + offs_g)[:, None] * D + offs_d[None, :]
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
+
+
+def _check(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, head_dim):
+    B = qkv.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] != (n_head + 2 * n_kv_head) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"decode_attention: qkv must be [B, (H + 2 Hkv) * D] with unit column stride, "
+                         f"got {tuple(qkv.shape)}")
+    if n_head % n_kv_head or head_dim % 2:
+        raise ValueError("decode_attention: n_head must be a multiple of n_kv_head, head_dim even")
+    shape = k_cache.shape
+    if (k_cache.dim() != 4 or shape[0] < B or shape[1] != n_kv_head or shape[3] != head_dim
+            or v_cache.shape != shape or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        raise ValueError(f"decode_attention: caches must be contiguous [>= {B}, {n_kv_head}, S, {head_dim}], "
+                         f"got {tuple(shape)} and {tuple(v_cache.shape)}")
+    if cos.shape[-1] != head_dim or sin.shape[-1] != head_dim or mask.shape[-1] != shape[2]:
+        raise ValueError("decode_attention: cos/sin must end in head_dim, mask in the cache length")
+    if input_pos.numel() != 1:
+        raise ValueError("decode_attention: one position (input_pos [1]) per call")
+    if qkv.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise TypeError("decode_attention: qkv and the caches must share a dtype")
+
+
+def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head: int, n_kv_head: int,
+                           head_dim: int) -> torch.Tensor:
+    _check(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, head_dim)
+    B, S = qkv.shape[0], k_cache.shape[2]
+    G = n_head // n_kv_head
+    g_pad, d_pad = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(head_dim))
+    nsplit = triton.cdiv(S, BLOCK_S)
+    dev = qkv.device
+    m = torch.empty(B * n_kv_head * nsplit * g_pad, dtype=torch.float32, device=dev)
+    l_sum = torch.empty_like(m)
+    acc = torch.empty(B * n_kv_head * nsplit * g_pad * d_pad, dtype=torch.float32, device=dev)
+    y = torch.empty(B, n_head * head_dim, dtype=qkv.dtype, device=dev)
+    cos = cos.reshape(-1, head_dim)[-1].float().contiguous()
+    sin = sin.reshape(-1, head_dim)[-1].float().contiguous()
+    mask = mask.reshape(-1, S)[-1].contiguous()
+    consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=BLOCK_S)
+    _launcher(_decode_attn_partial_kernel)[(B * n_kv_head, nsplit)](
+        qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc,
+        n_kv_head, S, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(head_dim),
+        NSPLIT=nsplit, IEEE=qkv.dtype == torch.float32 or _interpreting(), **consts, num_warps=4)
+    _launcher(_decode_attn_combine_kernel)[(B * n_kv_head,)](
+        m, l_sum, acc, input_pos, y, n_kv_head, y.stride(0), NSPLIT=nsplit, **consts, num_warps=4)
+    return y
+
+
+@triton_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                         input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_head: int,
+                         n_kv_head: int, head_dim: int) -> torch.Tensor:
+    return _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, head_dim)
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                     input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_head: int,
+                     n_kv_head: int, head_dim: int) -> torch.Tensor:
+    """Attention of one new token per sequence: -> y [B, n_head * head_dim] in qkv's dtype.
+
+    qkv: [B, (n_head + 2 n_kv_head) * head_dim] (q heads, then k heads, then v heads, before RoPE);
+    cos, sin: [..., head_dim] at the token's position; mask: [..., S] bool (True = attend);
+    input_pos: [1] int64; k_cache, v_cache: [>= B, n_kv_head, S, head_dim], updated in place at
+    input_pos with the RoPE'd key and the value. Runs as ``torch.ops.actsparse.decode_attention``.
+    """
+    if qkv.device.type != "cuda" and not _interpreting():
+        raise ValueError("decode_attention: the Triton kernels need CUDA (or TRITON_INTERPRET=1); "
+                         "use decode_attention_reference on the CPU")
+    return torch.ops.actsparse.decode_attention(qkv, cos, sin, mask, input_pos, k_cache, v_cache,
+                                                n_head, n_kv_head, head_dim)
+
+
+def decode_attention_reference(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head: int, n_kv_head: int,
+                               head_dim: int) -> torch.Tensor:
+    """Pure-PyTorch semantics: RoPE in fp32 (rounded to the model dtype), cache write, masked
+    softmax attention in fp32."""
+    _check(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, head_dim)
+    B, D, H, Hkv = qkv.shape[0], head_dim, n_head, n_kv_head
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    cos, sin = cos.reshape(-1, D)[-1].float(), sin.reshape(-1, D)[-1].float()
+
+    def rope(x):  # [B, heads, D]
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+    q = rope(q.view(B, H, D))
+    k_cache[:B, :, input_pos] = rope(k.view(B, Hkv, D)).unsqueeze(2)
+    v_cache[:B, :, input_pos] = v.view(B, Hkv, 1, D)
+    keys = k_cache[:B].float().repeat_interleave(H // Hkv, dim=1)  # [B, H, S, D]
+    values = v_cache[:B].float().repeat_interleave(H // Hkv, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), keys) / math.sqrt(D)
+    scores = scores.masked_fill(~mask.reshape(-1, mask.shape[-1])[-1].bool(), float("-inf"))
+    y = torch.einsum("bhs,bhsd->bhd", torch.softmax(scores, dim=-1), values)
+    return y.reshape(B, H * D).to(qkv.dtype)
