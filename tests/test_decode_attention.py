@@ -1,4 +1,4 @@
-"""decode_attention (RoPE + KV-cache write + one-token attention, two Triton launches) against the
+"""decode_attention (RoPE + KV-cache write + one-token attention, one Triton launch) against the
 pure-PyTorch reference and against the engine's plain path, on odd shapes, under the interpreter."""
 
 import math
@@ -54,9 +54,11 @@ def test_matches_reference(B, H, Hkv, D, S, pos, dtype, window):
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     y_ref = decode_attention_reference(qkv, cos, sin, mask, input_pos, k_ref, v_ref, H, Hkv, D)
     k_out, v_out = k_cache.clone(), v_cache.clone()
-    y = decode_attention(qkv, cos, sin, mask, input_pos, k_out, v_out, H, Hkv, D)
+    counts = torch.zeros(B * Hkv + 3, dtype=torch.int32)
+    y = decode_attention(qkv, cos, sin, mask, input_pos, k_out, v_out, H, Hkv, D, counts=counts)
     assert y.shape == (B, H * D) and y.dtype == dtype
     assert rel_err(y, y_ref) < TOL[dtype], rel_err(y, y_ref)
+    assert not counts.any()  # the arrival counters are left zero for the next call
     # the cache rows at pos hold the RoPE'd key and the value; every other row is untouched
     assert torch.allclose(k_out.float(), k_ref.float(), atol=TOL[dtype], rtol=0)
     assert torch.equal(v_out, v_ref)
@@ -106,5 +108,7 @@ def test_bad_inputs():
         decode_attention(qkv, cos, sin, mask, input_pos, k_cache[:, :1], v_cache[:, :1], 4, 2, 16)
     with pytest.raises(ValueError, match="one position"):
         decode_attention(qkv, cos, sin, mask, torch.tensor([3, 4]), k_cache, v_cache, 4, 2, 16)
+    with pytest.raises(ValueError, match="counts"):
+        decode_attention(qkv, cos, sin, mask, input_pos, k_cache, v_cache, 4, 2, 16, counts=torch.zeros(2))
     with pytest.raises(TypeError, match="dtype"):
         decode_attention(qkv, cos, sin, mask, input_pos, k_cache.double(), v_cache.double(), 4, 2, 16)

@@ -138,7 +138,11 @@ def test_decode_attention_kernels_native(case):
     args = (qkv, cos, sin, mask[None], torch.tensor([pos], device="cuda"))
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     ref = decode_attention_reference(*args, k_ref, v_ref, H, Hkv, D)
-    out = decode_attention(*args, k_cache, v_cache, H, Hkv, D)
+    counts = torch.zeros(B * Hkv, dtype=torch.int32, device="cuda")
+    out = decode_attention(*args, k_cache, v_cache, H, Hkv, D, counts=counts)
+    assert not counts.any()  # the last block of each head re-zeroed its counter
+    for _ in range(3):  # again with the same counters (the cache row at pos now holds the same key)
+        assert torch.equal(decode_attention(*args, k_cache, v_cache, H, Hkv, D, counts=counts), out)
     err = rel_err(out, ref)
     print(f"decode_attention {case}: rel err {err:.2e}")
     assert err < 2e-2

@@ -188,6 +188,9 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # arrival counters of the fused decode attention (kernels/decode_attention), kept zero
+        self.register_buffer("counts", torch.zeros(batch_size * n_kv_head, dtype=torch.int32, device=device),
+                             persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # input_pos: [T]; k, v: [B, Hkv, T, D] with B <= the cache's batch
@@ -432,12 +435,12 @@ class Attention(nn.Module):
         mode = self.decode_attention
         if mode == "auto":
             mode = "fused" if x.is_cuda else "matmul"
-        if T == 1 and mode == "fused":  # RoPE, cache write, attention: two kernels
+        if T == 1 and mode == "fused":  # RoPE, cache write and attention: one kernel
             from ..kernels.decode_attention import decode_attention  # noqa: PLC0415 (Triton is optional on CPU)
 
             cache = self.kv_cache
             y = decode_attention(self.wqkv(x).view(B, -1), cos, sin, mask, input_pos, cache.k_cache, cache.v_cache,
-                                 H, Hkv, D).view(B, 1, H * D)
+                                 H, Hkv, D, counts=cache.counts).view(B, 1, H * D)
             return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
@@ -671,7 +674,7 @@ class Transformer(nn.Module):
     def set_decode_attention_(self, mode: str) -> "Transformer":
         """How a one-token step attends: "reductions" (elementwise products and sums that Inductor
         fuses), "matmul" (two batched GEMMs), or "fused" (``kernels/decode_attention``: RoPE, the
-        cache write and the attention in two Triton launches; CUDA, or TRITON_INTERPRET=1); all
+        cache write and the attention in one Triton launch; CUDA, or TRITON_INTERPRET=1); all
         exact up to rounding. "auto" (the default): fused on CUDA, matmul elsewhere (measured on an
         H100 at Llama-3-8B shape: 171.9 against 167.2 tok/s, docs/RESULTS.md)."""
         if mode not in ("reductions", "matmul", "fused", "auto"):

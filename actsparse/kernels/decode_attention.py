@@ -1,20 +1,21 @@
-"""One-token (decode) attention with RoPE and the KV-cache write fused in: two launches per layer.
+"""One-token (decode) attention with RoPE and the KV-cache write fused in: one launch per layer.
 
 At batch 1 the attention of a decode step moves little data (the cached keys and values of one
 layer, ~1.5 MB for Llama-3-8B at 384 positions), but the plain path spends six kernels on it:
 RoPE of q, RoPE of k with its cache write, the v cache write, q.K^T, softmax and P.V. Each costs a
 launch and a round trip, which at decode sizes is most of its time. Here:
 
-- ``_decode_attn_partial_kernel``, grid (batch x kv heads, position blocks): the program of a
-  block reads q (its G query heads) and the new k and v straight from the qkv projection's output,
-  applies RoPE in fp32 (cast back to the model dtype, as the plain path does), scores its block of
-  cached keys with ``tl.dot`` (the block holding the current position takes the new key and value
-  from registers and writes them to the cache), and stores its softmax partials (max, sum, P.V).
-- ``_decode_attn_combine_kernel``, grid (batch x kv heads): merges the partials of the blocks up
-  to the current position (flash-decoding) and writes y [B, H * D] in the model dtype.
+- ``_decode_attn_kernel``, grid (batch x kv heads, position blocks): the program of a block reads
+  q (its G query heads) and the new k and v straight from the qkv projection's output, applies
+  RoPE in fp32 (cast back to the model dtype, as the plain path does), scores its block of cached
+  keys with ``tl.dot`` (the block holding the current position takes the new key and value from
+  registers and writes them to the cache), and stores its softmax partials (max, sum, P.V).
+- The last block of a (sequence, kv head) to finish (an arrival counter) merges the partials of
+  the blocks up to the current position (flash-decoding's second pass, ``_combine``) and writes
+  y [B, H * D] in the model dtype. One launch per layer.
 
-``decode_attention()`` registers the pair as the custom op ``actsparse::decode_attention`` (it
-mutates the caches), so torch.compile and CUDA graphs see through it; ``decode_attention_reference``
+``decode_attention()`` registers it as the custom op ``actsparse::decode_attention`` (it mutates
+the caches and the counters), so torch.compile and CUDA graphs see through it; ``decode_attention_reference``
 is the pure-PyTorch semantics (the engine's plain path). Layers: this file, the engine's
 ``Attention`` (``Transformer.set_decode_attention_("fused")``), ``tests/test_decode_attention.py``.
 """
@@ -42,7 +43,7 @@ def _rope(x_ptr, xp_ptr, sign, cos, sin, mask):
 
 
 @triton.jit
-def _decode_attn_partial_kernel(
+def _decode_attn_kernel(
     qkv_ptr,  # [B, (H + 2 Hkv) * D]: q heads, k heads, v heads of the current token
     cos_ptr, sin_ptr,  # [D] fp32 at the current position
     mask_ptr,  # [S] bool: positions the token attends to (causal, sliding window)
@@ -50,7 +51,9 @@ def _decode_attn_partial_kernel(
     k_ptr, v_ptr,  # caches [Bc, Hkv, S, D] (Bc >= B), contiguous
     m_ptr, l_ptr,  # [B, Hkv, NSPLIT, G_PAD] fp32: block max and sum of exp
     acc_ptr,  # [B, Hkv, NSPLIT, G_PAD, D_PAD] fp32: block P.V
-    Hkv, S, stride_qkv, stride_kb, stride_kh, scale,
+    count_ptr,  # [>= B * Hkv] int32 arrival counters: zero on entry, left zero on exit
+    y_ptr,  # [B, H * D] in the model dtype
+    Hkv, S, stride_qkv, stride_kb, stride_kh, stride_yb, scale,
     NSPLIT: tl.constexpr,  # position blocks (cdiv(S, BLOCK_S))
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr,
@@ -112,37 +115,40 @@ def _decode_attn_partial_kernel(
         tl.store(m_ptr + ws, m)
         tl.store(l_ptr + ws, l_sum)
         tl.store(acc_ptr + ws[:, None] * D_PAD + offs_d[None, :], acc)
+        # The last block of this (sequence, kv head) to finish merges all of them (flash-decoding's
+        # second pass without a second launch); it re-zeroes the counter for the next call.
+        tl.debug_barrier()  # every thread's stores happen before the (release) arrival below
+        used = pos // BLOCK_S + 1  # blocks that hold positions <= pos
+        arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel")
+        if arrived == used - 1:
+            _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb, NSPLIT, G, D, G_PAD, D_PAD)
+            tl.atomic_xchg(count_ptr + pid_bh, 0)
 
 
 @triton.jit
-def _decode_attn_combine_kernel(
-    m_ptr, l_ptr, acc_ptr, pos_ptr,
-    y_ptr,  # [B, H * D] in the model dtype
-    Hkv, stride_yb,
-    NSPLIT: tl.constexpr,
-    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
-    used = tl.load(pos_ptr).to(tl.int32) // BLOCK_S + 1  # blocks that hold positions <= pos
+def _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb,
+             NSPLIT: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """Merge the softmax partials of blocks [0, used) of one (sequence, kv head) into y. The
+    partials come from other programs of this launch: read through L2 (".cg"), never L1."""
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
-    # loops over every block with the unused ones masked (the CPU interpreter needs a host bound)
+    # every block with the unused ones masked (the CPU interpreter needs a host loop bound)
     m_all = tl.full([G_PAD], float("-inf"), tl.float32)
     for i in range(0, NSPLIT):
         used_g = (offs_g >= 0) & (i < used)
         m_all = tl.maximum(m_all, tl.load(m_ptr + (pid_bh * NSPLIT + i) * G_PAD + offs_g, mask=used_g,
-                                          other=float("-inf")))
+                                          other=float("-inf"), cache_modifier=".cg"))
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
     l_all = tl.zeros([G_PAD], dtype=tl.float32)
     y = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
     for i in range(0, NSPLIT):
         used_g = (offs_g >= 0) & (i < used)
         ws = (pid_bh * NSPLIT + i) * G_PAD + offs_g
-        w = tl.exp(tl.load(m_ptr + ws, mask=used_g, other=float("-inf")) - m_all)  # 0: unused, or nothing attended
-        l_all += w * tl.load(l_ptr + ws, mask=used_g, other=0.0)
-        y += w[:, None] * tl.load(acc_ptr + ws[:, None] * D_PAD + offs_d[None, :], mask=used_g[:, None], other=0.0)
+        m_i = tl.load(m_ptr + ws, mask=used_g, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp(m_i - m_all)  # 0: unused, or nothing attended
+        l_all += w * tl.load(l_ptr + ws, mask=used_g, other=0.0, cache_modifier=".cg")
+        y += w[:, None] * tl.load(acc_ptr + ws[:, None] * D_PAD + offs_d[None, :], mask=used_g[:, None], other=0.0,
+                                  cache_modifier=".cg")
     y = y / l_all[:, None]
     out = y_ptr + b * stride_yb + (h * G + offs_g)[:, None] * D + offs_d[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
@@ -168,9 +174,11 @@ def _check(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, 
         raise TypeError("decode_attention: qkv and the caches must share a dtype")
 
 
-def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head: int, n_kv_head: int,
+def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, counts, n_head: int, n_kv_head: int,
                            head_dim: int) -> torch.Tensor:
     _check(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, head_dim)
+    if counts.dtype != torch.int32 or counts.numel() < qkv.shape[0] * n_kv_head or not counts.is_contiguous():
+        raise ValueError(f"decode_attention: counts must be a contiguous int32 tensor of >= B * n_kv_head zeros")
     B, S = qkv.shape[0], k_cache.shape[2]
     G = n_head // n_kv_head
     g_pad, d_pad = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(head_dim))
@@ -184,36 +192,40 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_h
     sin = sin.reshape(-1, head_dim)[-1].float().contiguous()
     mask = mask.reshape(-1, S)[-1].contiguous()
     consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=BLOCK_S)
-    _launcher(_decode_attn_partial_kernel)[(B * n_kv_head, nsplit)](
-        qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc,
-        n_kv_head, S, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(head_dim),
+    _launcher(_decode_attn_kernel)[(B * n_kv_head, nsplit)](
+        qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc, counts, y,
+        n_kv_head, S, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), y.stride(0), 1.0 / math.sqrt(head_dim),
         NSPLIT=nsplit, IEEE=qkv.dtype == torch.float32 or _interpreting(), **consts, num_warps=4)
-    _launcher(_decode_attn_combine_kernel)[(B * n_kv_head,)](
-        m, l_sum, acc, input_pos, y, n_kv_head, y.stride(0), NSPLIT=nsplit, **consts, num_warps=4)
     return y
 
 
-@triton_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache"))
+@triton_op("actsparse::decode_attention", mutates_args=("k_cache", "v_cache", "counts"))
 def _decode_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                         input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_head: int,
-                         n_kv_head: int, head_dim: int) -> torch.Tensor:
-    return _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, head_dim)
+                         input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, counts: torch.Tensor,
+                         n_head: int, n_kv_head: int, head_dim: int) -> torch.Tensor:
+    return _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, counts, n_head, n_kv_head,
+                                  head_dim)
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                      input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_head: int,
-                     n_kv_head: int, head_dim: int) -> torch.Tensor:
+                     n_kv_head: int, head_dim: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence: -> y [B, n_head * head_dim] in qkv's dtype.
 
     qkv: [B, (n_head + 2 n_kv_head) * head_dim] (q heads, then k heads, then v heads, before RoPE);
     cos, sin: [..., head_dim] at the token's position; mask: [..., S] bool (True = attend);
     input_pos: [1] int64; k_cache, v_cache: [>= B, n_kv_head, S, head_dim], updated in place at
-    input_pos with the RoPE'd key and the value. Runs as ``torch.ops.actsparse.decode_attention``.
+    input_pos with the RoPE'd key and the value. counts: int32 zeros [>= B * n_kv_head], the
+    launch's arrival counters, left zero again (pass a persistent one, e.g. the engine's KV cache
+    holds it, to spare a memset per call; None allocates one). Runs as
+    ``torch.ops.actsparse.decode_attention``: one launch.
     """
     if qkv.device.type != "cuda" and not _interpreting():
         raise ValueError("decode_attention: the Triton kernels need CUDA (or TRITON_INTERPRET=1); "
                          "use decode_attention_reference on the CPU")
-    return torch.ops.actsparse.decode_attention(qkv, cos, sin, mask, input_pos, k_cache, v_cache,
+    if counts is None:
+        counts = torch.zeros(qkv.shape[0] * n_kv_head, dtype=torch.int32, device=qkv.device)
+    return torch.ops.actsparse.decode_attention(qkv, cos, sin, mask, input_pos, k_cache, v_cache, counts,
                                                 n_head, n_kv_head, head_dim)
 
 
