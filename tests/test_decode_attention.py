@@ -40,6 +40,7 @@ CASES = [  # B, H, Hkv, D, S, pos, dtype, window
     (3, 9, 3, 32, 200, 150, torch.float16, 40),  # sliding window: whole early blocks masked out
     (1, 8, 1, 64, 64, 63, torch.float32, None),  # one kv head (MQA), one block
     (2, 4, 2, 16, 257, 190, torch.float32, None),  # caches with a larger batch than qkv
+    (1, 6, 2, 32, 700, 650, torch.float32, None),  # 11 blocks: the merge takes two steps of 8
 ]
 
 

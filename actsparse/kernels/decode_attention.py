@@ -57,6 +57,8 @@ def _decode_attn_kernel(
     NSPLIT: tl.constexpr,  # position blocks (cdiv(S, BLOCK_S))
     G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
     IEEE: tl.constexpr,
+    GC: tl.constexpr,  # G rounded up to a power of two (the merge's rows)
+    CH: tl.constexpr,  # blocks merged per step
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -121,35 +123,40 @@ def _decode_attn_kernel(
         used = pos // BLOCK_S + 1  # blocks that hold positions <= pos
         arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel")
         if arrived == used - 1:
-            _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb, NSPLIT, G, D, G_PAD, D_PAD)
+            _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb, NSPLIT, G, D, G_PAD, D_PAD, GC, CH)
             tl.atomic_xchg(count_ptr + pid_bh, 0)
 
 
 @triton.jit
 def _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb,
-             NSPLIT: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """Merge the softmax partials of blocks [0, used) of one (sequence, kv head) into y. The
-    partials come from other programs of this launch: read through L2 (".cg"), never L1."""
-    offs_g = tl.arange(0, G_PAD)
+             NSPLIT: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+             GC: tl.constexpr, CH: tl.constexpr):
+    """Merge the softmax partials of blocks [0, used) of one (sequence, kv head) into y, CH blocks
+    per step (their loads in flight together). The partials come from other programs of this
+    launch: read through L2 (".cg"), never L1. GC: G rounded up to a power of two."""
+    offs_c = tl.arange(0, CH)
+    offs_g = tl.arange(0, GC)
     offs_d = tl.arange(0, D_PAD)
-    # every block with the unused ones masked (the CPU interpreter needs a host loop bound)
-    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
-    for i in range(0, NSPLIT):
-        used_g = (offs_g >= 0) & (i < used)
-        m_all = tl.maximum(m_all, tl.load(m_ptr + (pid_bh * NSPLIT + i) * G_PAD + offs_g, mask=used_g,
-                                          other=float("-inf"), cache_modifier=".cg"))
+    m_all = tl.full([GC], float("-inf"), tl.float32)
+    for c in range(0, NSPLIT, CH):
+        blk = c + offs_c
+        valid = (blk < used)[:, None] & (offs_g < G)[None, :]  # [CH, GC]
+        ws = (pid_bh * NSPLIT + blk)[:, None] * G_PAD + offs_g[None, :]
+        m_c = tl.load(m_ptr + ws, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        m_all = tl.maximum(m_all, tl.max(m_c, axis=0))
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros([G_PAD], dtype=tl.float32)
-    y = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
-    for i in range(0, NSPLIT):
-        used_g = (offs_g >= 0) & (i < used)
-        ws = (pid_bh * NSPLIT + i) * G_PAD + offs_g
-        m_i = tl.load(m_ptr + ws, mask=used_g, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp(m_i - m_all)  # 0: unused, or nothing attended
-        l_all += w * tl.load(l_ptr + ws, mask=used_g, other=0.0, cache_modifier=".cg")
-        y += w[:, None] * tl.load(acc_ptr + ws[:, None] * D_PAD + offs_d[None, :], mask=used_g[:, None], other=0.0,
-                                  cache_modifier=".cg")
-    y = y / l_all[:, None]
+    l_all = tl.zeros([GC], dtype=tl.float32)
+    y = tl.zeros([GC, D_PAD], dtype=tl.float32)
+    for c in range(0, NSPLIT, CH):
+        blk = c + offs_c
+        valid = (blk < used)[:, None] & (offs_g < G)[None, :]
+        ws = (pid_bh * NSPLIT + blk)[:, None] * G_PAD + offs_g[None, :]
+        w = tl.exp(tl.load(m_ptr + ws, mask=valid, other=float("-inf"), cache_modifier=".cg") - m_all[None, :])
+        l_all += tl.sum(w * tl.load(l_ptr + ws, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
+        a = tl.load(acc_ptr + ws[:, :, None] * D_PAD + offs_d[None, None, :], mask=valid[:, :, None], other=0.0,
+                    cache_modifier=".cg")  # [CH, GC, D_PAD]
+        y += tl.sum(w[:, :, None] * a, axis=0)
+    y = y / tl.where(l_all > 0, l_all, 1.0)[:, None]  # l_all = 0 only on padding rows (g >= G)
     out = y_ptr + b * stride_yb + (h * G + offs_g)[:, None] * D + offs_d[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
 
@@ -195,7 +202,8 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
     _launcher(_decode_attn_kernel)[(B * n_kv_head, nsplit)](
         qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc, counts, y,
         n_kv_head, S, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), y.stride(0), 1.0 / math.sqrt(head_dim),
-        NSPLIT=nsplit, IEEE=qkv.dtype == torch.float32 or _interpreting(), **consts, num_warps=4)
+        NSPLIT=nsplit, IEEE=qkv.dtype == torch.float32 or _interpreting(), GC=triton.next_power_of_2(G),
+        CH=min(8, triton.next_power_of_2(nsplit)), **consts, num_warps=4)
     return y
 
 
