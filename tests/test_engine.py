@@ -319,6 +319,15 @@ def test_decode_attention_modes_match(hf_and_engine):
             engine.set_decode_attention_("fused")
 
 
+def test_auto_decode_attention_rule():
+    from actsparse.engine.model import FUSED_ATTENTION_MAX_CACHE, auto_decode_attention
+
+    assert auto_decode_attention(True, 384) == "fused"
+    assert auto_decode_attention(True, FUSED_ATTENTION_MAX_CACHE) == "fused"
+    assert auto_decode_attention(True, FUSED_ATTENTION_MAX_CACHE + 1) == "matmul"  # long caches
+    assert auto_decode_attention(False, 384) == "matmul"  # no Triton kernel off CUDA
+
+
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_relufied_model_runs_with_its_fatrelu_thresholds(family, tmp_path):
     """A folder from `actsparse relufy` (ReLU MLP, per-layer FATReLU thresholds in

@@ -424,7 +424,7 @@ class Attention(nn.Module):
         self.wo = Linear(args.q_size, args.dim, args.o_bias, device, dtype)
         self.kv_cache: KVCache | None = None
         # one-token attention: "fused" (Triton, kernels/decode_attention), "matmul" (two GEMMs),
-        # "reductions", or "auto" (fused on CUDA, matmul elsewhere)
+        # "reductions", or "auto" (auto_decode_attention: fused on CUDA for short caches)
         self.decode_attention = "auto"
 
     def forward(self, x, cos, sin, mask, input_pos, residual=None):
@@ -434,7 +434,7 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         mode = self.decode_attention
         if mode == "auto":
-            mode = "fused" if x.is_cuda else "matmul"
+            mode = auto_decode_attention(x.is_cuda, self.kv_cache.k_cache.shape[2])
         if T == 1 and mode == "fused":  # RoPE, cache write and attention: one kernel
             from ..kernels.decode_attention import decode_attention  # noqa: PLC0415 (Triton is optional on CPU)
 
@@ -460,6 +460,17 @@ class Attention(nn.Module):
         # reshape, not view: some SDPA backends (fp32 on CUDA) return a non-contiguous y
         y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
+
+
+FUSED_ATTENTION_MAX_CACHE = 512  # "auto" uses the fused kernel up to this many cached positions
+
+
+def auto_decode_attention(on_cuda: bool, cache_len: int) -> str:
+    """The "auto" decode attention: the fused Triton kernel on CUDA for caches of at most
+    FUSED_ATTENTION_MAX_CACHE positions, where it measured 1.6-1.8x faster per layer than the
+    compiled matmul path (H100, 384 positions); "matmul" elsewhere. At 4096 cached positions the
+    fused kernel measured slower (25-31 against 22 us per layer; docs/RESULTS.md)."""
+    return "fused" if on_cuda and cache_len <= FUSED_ATTENTION_MAX_CACHE else "matmul"
 
 
 def _decode_attention(q, k, v, mask):
@@ -675,8 +686,9 @@ class Transformer(nn.Module):
         """How a one-token step attends: "reductions" (elementwise products and sums that Inductor
         fuses), "matmul" (two batched GEMMs), or "fused" (``kernels/decode_attention``: RoPE, the
         cache write and the attention in one Triton launch; CUDA, or TRITON_INTERPRET=1); all
-        exact up to rounding. "auto" (the default): fused on CUDA, matmul elsewhere (measured on an
-        H100 at Llama-3-8B shape: 171.9 against 167.2 tok/s, docs/RESULTS.md)."""
+        exact up to rounding. "auto" (the default): fused on CUDA for KV caches of up to 512
+        positions, matmul elsewhere (``auto_decode_attention``; measured on an H100 at Llama-3-8B
+        shape with 384 positions: 171.9-176.0 against 167.2-170.0 tok/s, docs/RESULTS.md)."""
         if mode not in ("reductions", "matmul", "fused", "auto"):
             raise ActsparseError(f"decode attention must be 'auto', 'reductions', 'matmul' or 'fused', got '{mode}'")
         if mode == "fused":
