@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -441,7 +442,14 @@ class Attention(nn.Module):
             cache = self.kv_cache
             y = decode_attention(self.wqkv(x).view(B, -1), cos, sin, mask, input_pos, cache.k_cache, cache.v_cache,
                                  H, Hkv, D, counts=cache.counts).view(B, 1, H * D)
-            return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
+        else:
+            y = self._attend(x, cos, sin, mask, input_pos, mode)
+        return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
+
+    def _attend(self, x, cos, sin, mask, input_pos, mode):
+        """RoPE, cache update and attention in PyTorch ops: -> [B, T, H * D]."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
@@ -458,8 +466,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(G, 1))  # [B, Hkv, G*T, D]
         # reshape, not view: some SDPA backends (fp32 on CUDA) return a non-contiguous y
-        y = y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
+        return y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 FUSED_ATTENTION_MAX_CACHE = 512  # "auto" uses the fused kernel up to this many cached positions
@@ -692,8 +699,6 @@ class Transformer(nn.Module):
         if mode not in ("reductions", "matmul", "fused", "auto"):
             raise ActsparseError(f"decode attention must be 'auto', 'reductions', 'matmul' or 'fused', got '{mode}'")
         if mode == "fused":
-            import os  # noqa: PLC0415
-
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ActsparseError("decode attention 'fused' runs Triton kernels: it needs a CUDA device "
                                      "(or TRITON_INTERPRET=1)")

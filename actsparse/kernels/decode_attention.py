@@ -241,18 +241,14 @@ def decode_attention_reference(qkv, cos, sin, mask, input_pos, k_cache, v_cache,
                                head_dim: int) -> torch.Tensor:
     """Pure-PyTorch semantics: RoPE in fp32 (rounded to the model dtype), cache write, masked
     softmax attention in fp32."""
+    from ..engine.model import apply_rope  # noqa: PLC0415 (the engine's RoPE: the same rounding)
+
     _check(qkv, cos, sin, mask, input_pos, k_cache, v_cache, n_head, n_kv_head, head_dim)
     B, D, H, Hkv = qkv.shape[0], head_dim, n_head, n_kv_head
     q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
     cos, sin = cos.reshape(-1, D)[-1].float(), sin.reshape(-1, D)[-1].float()
-
-    def rope(x):  # [B, heads, D]
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-    q = rope(q.view(B, H, D))
-    k_cache[:B, :, input_pos] = rope(k.view(B, Hkv, D)).unsqueeze(2)
+    q = apply_rope(q.view(B, H, D), cos, sin)  # [B, heads, D]
+    k_cache[:B, :, input_pos] = apply_rope(k.view(B, Hkv, D), cos, sin).unsqueeze(2)
     v_cache[:B, :, input_pos] = v.view(B, Hkv, 1, D)
     keys = k_cache[:B].float().repeat_interleave(H // Hkv, dim=1)  # [B, H, S, D]
     values = v_cache[:B].float().repeat_interleave(H // Hkv, dim=1)
