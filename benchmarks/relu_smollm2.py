@@ -103,6 +103,9 @@ def parse_args(argv=None):
                         "instead of training it again: a run too long for one call can be split in two")
     p.add_argument("--sample-backend", default="auto", choices=("auto", "engine", "hf"),
                    help="sampler for --sample-tokens (auto: the decode engine on CUDA)")
+    p.add_argument("--fat-allocations", default="uniform",
+                   help="comma list: how --fat-target is shared between layers (uniform, equal, sensitivity; "
+                        "see actsparse/relu/fat.py), each reported as its own stage")
     p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
     p.add_argument("--fat-target", type=float, default=0.0,
                    help="also report each L1 run with the FATReLU threshold of this holdout sparsity; 0 = no")
@@ -381,11 +384,16 @@ def main(argv=None) -> int:
                 fat_holdout_base_ppl=r.base_perplexity)
         doc["stages"][name + "+fat"]["thresholds"] = fat_thresholds(model)
         if args.fat_target and l1_peak:
-            fat_cfg = FatThresholdConfig(max_ppl_increase=None, target_sparsity=args.fat_target,
-                                         context=args.context, max_tokens=holdout_ids.numel())
-            r = select_fat_threshold_(model, tok, holdout_text, fat_cfg)
-            measure(model, name + f"+fat@{args.fat_target:g}", steps=steps, fat_threshold=r.threshold)
-            doc["stages"][name + f"+fat@{args.fat_target:g}"]["thresholds"] = fat_thresholds(model)
+            for alloc in args.fat_allocations.split(","):
+                fat_cfg = FatThresholdConfig(max_ppl_increase=None, target_sparsity=args.fat_target,
+                                             allocation=alloc, context=args.context, max_tokens=holdout_ids.numel())
+                t0 = time.perf_counter()
+                r = select_fat_threshold_(model, tok, holdout_text, fat_cfg)
+                stage = name + f"+fat@{args.fat_target:g}" + ("" if alloc == "uniform" else f"-{alloc}")
+                measure(model, stage, steps=steps, fat_threshold=r.threshold, fat_allocation=alloc,
+                        fat_seconds=time.perf_counter() - t0, fat_layer_targets=r.layer_targets,
+                        fat_sensitivity=r.sensitivity)
+                doc["stages"][stage]["thresholds"] = fat_thresholds(model)
         save()
         return model
 

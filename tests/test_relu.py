@@ -14,6 +14,7 @@ from torch import nn
 from conftest import FAMILIES, ByteTokenizer, hf_byte_tokenizer, tiny_model
 
 from actsparse.errors import ActsparseError
+from actsparse.relu.fat import greedy_levels
 from actsparse.relu import (
     FATReLU,
     FatThresholdConfig,
@@ -290,8 +291,17 @@ def test_select_fat_threshold():
     assert target.threshold > 0 and set(fat_thresholds(model).values()) == {target.threshold}
     assert abs(target.sparsity - 0.9) < 0.05
     per_layer = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(
-        max_ppl_increase=None, target_sparsity=0.8, per_layer=True, context=32, max_tokens=512, search_steps=5))
+        max_ppl_increase=None, target_sparsity=0.8, allocation="equal", context=32, max_tokens=512, search_steps=5))
     assert abs(per_layer.sparsity - 0.8) < 0.05
+    assert per_layer.layer_targets and all(abs(v - 0.8) < 0.1 for v in per_layer.layer_targets.values())
+    sens = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(
+        max_ppl_increase=None, target_sparsity=0.8, allocation="sensitivity", context=32, max_tokens=512,
+        sensitivity_step=0.1, sensitivity_tokens=256))
+    assert abs(sens.sparsity - 0.8) < 0.06
+    assert set(sens.sensitivity) == set(fat_thresholds(model))
+    for pairs in sens.sensitivity.values():  # first pair: the layer at T = 0, no cost; levels increase
+        assert pairs[0][1] == 0.0 and all(a[0] < b[0] for a, b in zip(pairs, pairs[1:]))
+    assert sum(sens.layer_targets.values()) / len(sens.layer_targets) >= 0.79
     tol = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(max_ppl_increase=0.002, context=32,
                                                                     max_tokens=512, search_steps=5))
     assert tol.base_sparsity < 0.8
@@ -302,6 +312,23 @@ def test_select_fat_threshold():
     loose = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(max_ppl_increase=10.0, context=32,
                                                                       max_tokens=512, search_steps=5))
     assert loose.sparsity > tol.sparsity and loose.sparsity > 0.95
+
+
+def test_greedy_levels():
+    costs = {  # (level, loss increase); "b" is cheap to cut, "a" expensive, "c" is noisy
+        "a": [(0.5, 0.0), (0.6, 0.5), (0.7, 2.0)],
+        "b": [(0.6, 0.0), (0.7, 0.01), (0.8, 0.02), (0.9, 0.05)],
+        "c": [(0.7, 0.0), (0.8, 0.2), (0.9, 0.1)],
+    }
+    assert greedy_levels(costs, 0.6) == {"a": 0.5, "b": 0.6, "c": 0.7}  # the starting mean is enough
+    # b's steps cost 0.1-0.3 per unit of sparsity, c's first 2, a's 5: b goes all the way first
+    assert greedy_levels(costs, 0.7) == {"a": 0.5, "b": 0.9, "c": 0.7}
+    # then c (its dip at 0.9 counts as the cost at 0.8: free second step), then a
+    assert greedy_levels(costs, 0.75) == {"a": 0.5, "b": 0.9, "c": 0.9}
+    assert greedy_levels(costs, 0.8) == {"a": 0.6, "b": 0.9, "c": 0.9}
+    assert greedy_levels(costs, 0.99) == {"a": 0.7, "b": 0.9, "c": 0.9}  # out of reach: every last level
+    with pytest.raises(ActsparseError):
+        FatThresholdConfig(allocation="by-hand")
 
 
 def test_relufy_and_train_pipeline(tmp_path):
