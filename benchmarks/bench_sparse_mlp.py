@@ -159,16 +159,19 @@ def compiled_kernel_resources() -> list:
     return rows
 
 
-def bench_b2b_us(fns, smoke: bool, repeat: int = 1) -> float:
+def bench_b2b_us(fns, smoke: bool, repeat: int = 1, prologue=None) -> float:
     """Per-call microseconds of fns run back to back (each fn on its own weight copy), `repeat`
     passes over them, in one CUDA graph; L2 flushed before each replay. Enough copies that a copy's
     rows have left L2 before its next use; enough calls that the replay's own start is amortised."""
     fns = list(fns) * repeat
+    calls = len(fns)
+    if prologue is not None:  # run once at the start of each replay, counted in the time, not in the calls
+        fns = [prologue] + fns
     if smoke:
         t0 = time.perf_counter()
         for fn in fns:
             fn()
-        return (time.perf_counter() - t0) * 1e6 / len(fns)
+        return (time.perf_counter() - t0) * 1e6 / calls
     import triton.testing
 
     side = torch.cuda.Stream()
@@ -183,7 +186,7 @@ def bench_b2b_us(fns, smoke: bool, repeat: int = 1) -> float:
             fn()
     ms = triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median")
     del g
-    return ms * 1e3 / len(fns)
+    return ms * 1e3 / calls
 
 
 TALL_STEP3 = ((128, 64, 4, 4, False), (128, 128, 4, 4, True), (256, 64, 4, 4, True), (128, 128, 8, 2, False))
@@ -367,6 +370,145 @@ def step3_sweep(mlps, shapes, problem, sparse_gate_up, smoke, failures, copies=1
     return rows
 
 
+# --kept: step 3 on step 2's kept list; (block_k, block_n, warps, programs/SM, pair)
+KEPT_SWEEP = ((64, 128, 4, 4, False), (64, 128, 4, 4, True), (64, 128, 4, 2, False), (64, 128, 4, 2, True),
+              (64, 128, 4, 6, False), (128, 128, 8, 4, False), (32, 128, 4, 4, True), (64, 64, 4, 4, False),
+              (64, 256, 8, 2, False), (32, 128, 4, 8, False))
+
+
+def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copies=16, rounds=3,
+                      sparsities=(0.89, 0.67)):
+    """ProSparse steps 2 and 3 with the kept list (``sparse_gate_up(..., kept=)`` then
+    ``sparse_down_kept_``), back to back like ``prosparse_back_to_back``, next to the plain path
+    (step 2 without a list, step 3 = ``sparse_gemv_add_`` rescanning h) and dense cuBLAS, in one run.
+
+    - step 2 with the list: 32 calls on 16 lists; the lists' counts are zeroed once at the start of
+      each replay (one memset, counted in the per-call time), since no step 3 consumes them here.
+    - step 3 alone: the lists are filled once by step 2, and the kernel runs with RESET=False so
+      the list survives for the next call (every call reads the same list, and still takes its
+      arrival ticket); configs in KEPT_SWEEP, `rounds` interleaved rounds, median, best re-timed.
+    - whole MLP: 32 (step 2 -> step 3) pairs with the real protocol (step 3 zeroes the count).
+    Each config is checked against the fp64 product first."""
+    import dataclasses
+    import statistics
+
+    from actsparse.kernels import sparse_gemv as sg
+    from actsparse.kernels import sparse_mlp as sm
+
+    rows = []
+    configs = [sm.KeptDownConfig(bk, bn, w, p, pair, pdl=True) for bk, bn, w, p, pair in KEPT_SWEEP]
+    for name in shapes:
+        base = mlps[name]
+        reps = [base] + [{k: v.clone() for k, v in base.items()} for _ in range(copies - 1)]
+        d_ff, d_model = base["w_down_t"].shape
+        step3_plain = dataclasses.replace(sg.pick_config(d_ff, d_model, 1), pdl=True)
+        for sparsity in sparsities:
+            x, thr, row_mask, ref, active = problem(name, "relu", sparsity, True)
+            counts = torch.zeros(copies, 2, dtype=torch.int32, device=x.device)
+            lists = [sm.KeptList(torch.zeros(d_ff, dtype=torch.int32, device=x.device),
+                                 torch.zeros(1, d_ff, dtype=x.dtype, device=x.device), counts[i]) for i in range(copies)]
+            rs = [torch.zeros(1, d_model, dtype=torch.float32, device=x.device) for _ in reps]
+
+            def fill():
+                counts.zero_()
+                return [sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask, kept=kl)
+                        for m, kl in zip(reps, lists)]
+
+            hs = fill()
+            exact = (hs[0].double() @ base["w_down_t"].double()).float()
+            n_listed = int(counts[0, 0])
+            if n_listed != int((hs[0] != 0).sum()):
+                failures.append(f"kept {name} s={sparsity}: {n_listed} listed, {int((hs[0] != 0).sum())} nonzero")
+            ok = []
+            for c in configs:
+                out = torch.zeros_like(rs[0])
+                sm._launch_sparse_down_kept(out, lists[0], base["w_down_t"], c, reset=False)
+                err = ((out - exact).norm() / exact.norm()).item()
+                (ok.append(c) if err < 1e-2 else failures.append(f"kept {name} s={sparsity} {c}: rel err {err:.2e}"))
+            out = torch.zeros_like(rs[0])
+            sm.sparse_down_kept_(out, lists[0], base["w_down_t"])  # public op: consumes the list
+            err = ((out - exact).norm() / exact.norm()).item()
+            if not err < 1e-2 or int(lists[0].count.abs().sum()) != 0:
+                failures.append(f"kept {name} s={sparsity} sparse_down_kept_: rel err {err:.2e}, "
+                                f"count after {lists[0].count.tolist()}")
+            hs = fill()
+
+            def step3_kept(c):
+                return [lambda m=m, kl=kl, r=r: sm._launch_sparse_down_kept(r, kl, m["w_down_t"], c, reset=False)
+                        for m, kl, r in zip(reps, lists, rs)]
+
+            def whole_kept(c):
+                def run(m, kl, r):
+                    sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask, kept=kl)
+                    sm._launch_sparse_down_kept(r, kl, m["w_down_t"], c, reset=True)
+                return [lambda m=m, kl=kl, r=r: run(m, kl, r) for m, kl, r in zip(reps, lists, rs)]
+
+            def whole_plain():
+                def run(m, r):
+                    h = sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask)
+                    sg._sparse_gemv_add_impl(r, h, m["w_down_t"], None, config=step3_plain)
+                return [lambda m=m, r=r: run(m, r) for m, r in zip(reps, rs)]
+
+            b2b = functools.partial(bench_b2b_us, smoke=smoke, repeat=2)
+            fixed = {
+                "dense_step2": lambda: b2b([lambda m=m: dense_step2(x, m, "relu") for m in reps]),
+                "step2_plain": lambda: b2b(
+                    [lambda m=m: sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps]),
+                "step2_kept": lambda: b2b(
+                    [lambda m=m, kl=kl: sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask, kept=kl)
+                     for m, kl in zip(reps, lists)], prologue=counts.zero_),
+                "dense_step3_linear": lambda: b2b([lambda m=m, h=h: F.linear(h, m["w_down"]) for m, h in zip(reps, hs)]),
+                "dense_step3_matmul": lambda: b2b([lambda m=m, h=h: h @ m["w_down_t"] for m, h in zip(reps, hs)]),
+                "step3_plain_add_pdl": lambda: b2b(
+                    [lambda m=m, h=h, r=r: sg._sparse_gemv_add_impl(r, h, m["w_down_t"], None, config=step3_plain)
+                     for m, h, r in zip(reps, hs, rs)]),
+                "dense_mlp": lambda: b2b([lambda m=m: F.linear(dense_step2(x, m, "relu"), m["w_down"]) for m in reps]),
+                "mlp_plain": lambda: b2b(whole_plain()),
+            }
+            times = {k: [] for k in fixed}
+            times.update({f"step3_kept_{c}": [] for c in ok})
+            for _ in range(rounds):
+                for k, fn in fixed.items():
+                    times[k].append(fn())
+                fill()  # step2_kept timing appended to the lists: refill them for step 3
+                for c in ok:
+                    times[f"step3_kept_{c}"].append(b2b(step3_kept(c)))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            best = min(ok, key=lambda c: med[f"step3_kept_{c}"])
+            default = sm.KeptDownConfig(pdl=True)
+            counts.zero_()
+            mlp_kept = {str(c): b2b(whole_kept(c)) for c in dict.fromkeys([default, best])}
+            fill()
+            best_retimed = b2b(step3_kept(best))
+            dense3 = min(med["dense_step3_linear"], med["dense_step3_matmul"])
+            row = {
+                "shape": name, "sparsity_actual": 1 - int(active.sum()) / active.numel(), "listed": n_listed,
+                "rounds": rounds, "us": times, "median_us": med, "step3_plain_config": str(step3_plain),
+                "step3_kept_default": str(default), "step3_kept_best": str(best),
+                "step3_kept_best_retimed_us": best_retimed, "mlp_kept_us": mlp_kept,
+                "speedup": {
+                    "step2_plain": med["dense_step2"] / med["step2_plain"],
+                    "step2_kept": med["dense_step2"] / med["step2_kept"],
+                    "step3_plain_add_pdl": dense3 / med["step3_plain_add_pdl"],
+                    "step3_kept_default": dense3 / med[f"step3_kept_{default}"],
+                    "step3_kept_best": dense3 / med[f"step3_kept_{best}"],
+                    "step3_kept_best_retimed": dense3 / best_retimed,
+                    "mlp_plain": med["dense_mlp"] / med["mlp_plain"],
+                    **{f"mlp_kept_{k}": med["dense_mlp"] / v for k, v in mlp_kept.items()},
+                },
+            }
+            rows.append(row)
+            print(f"kept {name} s={row['sparsity_actual']:.3f}: " + " ".join(f"{k}={v:.2f}" for k, v in med.items()
+                                                                              if not k.startswith("step3_kept_")))
+            for k in sorted((k for k in med if k.startswith("step3_kept_")), key=med.get):
+                print(f"    {med[k]:7.2f}us  {' '.join(f'{t:.2f}' for t in times[k])}  {k}")
+            print("    mlp kept: " + " ".join(f"{k}={v:.2f}" for k, v in mlp_kept.items())
+                  + f" | best re-timed {best_retimed:.2f}")
+            print("    speedups: " + " ".join(f"{k}={v:.2f}x" for k, v in row["speedup"].items()))
+        del reps
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +525,9 @@ def main(argv=None) -> int:
     parser.add_argument("--b2b", action="store_true",
                         help="also time (a) as a CUDA graph of back-to-back calls on 16 weight copies, "
                              "two passes (32 calls; the method of the GEMV section), per-call time")
+    parser.add_argument("--kept", action="store_true",
+                        help="after the correctness gate, only time steps 2 and 3 with the kept list "
+                             "(sparse_down_kept_) against the plain path and dense, back to back, and write that")
     parser.add_argument("--step3-sweep", action="store_true",
                         help="after the correctness gate, only sweep step-3 configs (ProSparse shapes, back to "
                              "back, interleaved rounds) and write that")
@@ -537,6 +682,20 @@ def main(argv=None) -> int:
     def gbps(nbytes, ms):
         return nbytes / (ms * 1e-3) / 1e9
 
+    if args.kept:
+        results["kept"] = kept_back_to_back(mlps, prosparse_shapes, problem, dense_step2, smoke, failures,
+                                            copies=2 if smoke else 16, rounds=1 if smoke else 3)
+        if failures:
+            print("GATE FAILED in the kept-list section:", failures)
+            print(json.dumps({"bench": "sparse_mlp", "env": results["env"], "gate_failed": failures}))
+            return 1
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+        print(json.dumps({"bench": "sparse_mlp_kept", **{k: results["env"][k] for k in ("gpu", "date", "commit")},
+                          "rows": [{"shape": r["shape"], "s": round(r["sparsity_actual"], 3),
+                                    **{k: round(v, 2) for k, v in r["speedup"].items()}} for r in results["kept"]]}))
+        return 0
     if args.step3_sweep:
         results["step3_sweep"] = step3_sweep(mlps, prosparse_shapes, problem, sparse_gate_up, smoke, failures,
                                              copies=2 if smoke else 16, rounds=1 if smoke else 3)

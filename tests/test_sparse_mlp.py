@@ -289,3 +289,96 @@ def test_launcher_rejects(name):
 def test_launcher_accepts_good_inputs():
     good, _ = _bad_inputs()
     assert sparse_gate_up(**good).shape == (2, 12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kept list: step 2 lists its kept neurons, step 3 (sparse_down_kept_) reads only those rows
+# ----------------------------------------------------------------------------------------------
+from actsparse.kernels.sparse_mlp import (  # noqa: E402
+    KeptDownConfig,
+    _check_kept,
+    _launch_sparse_down_kept,
+    kept_list,
+    sparse_down_kept_,
+    sparse_down_kept_reference,
+)
+
+KEPT_CASES = [  # (dtype, batch, sparsity, use_mask, config)
+    (torch.bfloat16, 1, 0.9, True, None),
+    (torch.bfloat16, 1, 0.5, False, KeptDownConfig(block_k=16, block_n=32, pair=True)),
+    (torch.float16, 3, 0.7, True, None),
+    (torch.float16, 8, 0.9, False, KeptDownConfig(block_k=32, block_n=16, programs_per_sm=16)),
+    (torch.float32, 5, 0.0, False, KeptDownConfig(block_k=16, block_n=64, pair=True)),
+    (torch.bfloat16, 2, 1.0, False, None),  # nothing kept: out unchanged
+]
+N_DOWN = 45  # odd output width
+
+
+@pytest.mark.parametrize("case", KEPT_CASES, ids=lambda c: f"{DTYPE_NAME[c[0]]}-B{c[1]}-s{int(c[2] * 100)}"
+                         f"-{'mask' if c[3] else 'nomask'}-{c[4] or 'default'}")
+def test_kept_list_steps_2_and_3(case):
+    dtype, batch, sparsity, use_mask, config = case
+    seed = zlib.crc32(repr(case).encode())
+    x, w_gate, w_up, g = make_inputs(batch, K_TEST, F_TEST * 3, dtype, seed)  # F = 111
+    f = w_gate.shape[0]
+    w_down_t = (torch.randn(f, N_DOWN, generator=g) / f**0.5).to(dtype)
+    thr = thresholds_for(x, w_gate, "relu", sparsity, g)
+    row_mask = (torch.rand(f, generator=g) < 0.7) if use_mask else None
+    kept = kept_list(batch, f, dtype, "cpu")
+    kept.idx.fill_(-7)  # junk: only the listed slots may be read
+    kept.h.fill_(float("nan"))
+    for round_ in range(2):  # the second round reuses the buffers: step 3 left the count at zero
+        h = sparse_gate_up(x, w_gate, w_up, thr, "relu", row_mask, kept=kept)
+        # step 2 output is unchanged by the list, and the list holds exactly h's nonzero columns
+        assert torch.equal(h, sparse_gate_up(x, w_gate, w_up, thr, "relu", row_mask))
+        n = int(kept.count[0])
+        cols = torch.nonzero((h != 0).any(0)).flatten()
+        assert int(kept.count[1]) == 0 and n == cols.numel()
+        assert sorted(kept.idx[:n].tolist()) == cols.tolist()
+        assert torch.equal(kept.h[:, :n], h[:, kept.idx[:n].long()])
+        out0 = torch.randn(batch, N_DOWN, generator=g)
+        exact = out0.double() + h.double() @ w_down_t.double()
+        out = out0.clone()
+        if config is None:
+            sparse_down_kept_(out, kept, w_down_t)
+        else:
+            _check_kept(out, kept, w_down_t)
+            _launch_sparse_down_kept(out, kept, w_down_t, config)
+        assert kept.count.tolist() == [0, 0], f"round {round_}: the list was not consumed"
+        if n == 0:
+            assert torch.equal(out, out0)
+        else:
+            assert rel_err(out - out0, exact - out0.double()) < 1e-5
+        thr = thr * (0.8 if sparsity < 1.0 else 1.0)  # round 2: a different kept set
+
+
+def test_kept_list_reference_and_unconsumed_list():
+    x, w_gate, w_up, g = make_inputs(1, 64, 40, torch.float32, 31)
+    w_down_t = torch.randn(40, 24, generator=g)
+    kept = kept_list(1, 40, torch.float32, "cpu")
+    h = sparse_gate_up(x, w_gate, w_up, 0.0, "relu", kept=kept)
+    out = torch.zeros(1, 24)
+    sparse_down_kept_reference(out, kept, w_down_t)
+    assert rel_err(out, h.double() @ w_down_t.double()) < 1e-6 and kept.count.tolist() == [0, 0]
+    # a list that no step 3 consumes fills up, but never writes past F
+    for _ in range(5):
+        sparse_gate_up(x, w_gate, w_up, 0.0, "relu", kept=kept)
+    listed = int((h != 0).sum())
+    assert int(kept.count[0]) == 5 * listed and kept.idx.numel() == 40
+    assert set(kept.idx.tolist()) <= set(range(40))
+
+
+def test_kept_list_rejects_bad_buffers():
+    w_down_t = torch.randn(40, 24, dtype=torch.bfloat16)
+    good = kept_list(2, 40, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="fp32"):
+        sparse_down_kept_(torch.zeros(2, 24, dtype=torch.bfloat16), good, w_down_t)
+    with pytest.raises(ValueError, match="does not fit"):
+        sparse_down_kept_(torch.zeros(2, 24), kept_list(2, 39, torch.bfloat16, "cpu"), w_down_t)
+    with pytest.raises(TypeError):
+        sparse_down_kept_(torch.zeros(2, 24), kept_list(2, 40, torch.float16, "cpu"), w_down_t)
+    x, w_gate, w_up, _ = make_inputs(3, 64, 40, torch.bfloat16, 3)
+    with pytest.raises(ValueError, match="kept list"):
+        sparse_gate_up(x, w_gate, w_up, 0.0, "relu", kept=good)  # batch 3, list for 2
+    with pytest.raises(ValueError):
+        KeptDownConfig(block_k=48)

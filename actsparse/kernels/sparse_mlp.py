@@ -175,6 +175,9 @@ if HAS_TRITON:
         threshold_ptr,  # gate_threshold: [F] fp32
         row_mask_ptr,  # row_mask: [F] uint8 (read only if HAS_ROW_MASK)
         h_ptr,  # h: [B, F], unit stride along F
+        kept_idx_ptr,  # kept list (WRITE_KEPT): [F] int32 neuron indices, in slot order
+        kept_h_ptr,  # kept list: [B, F] values of h, in slot order (row stride F)
+        kept_count_ptr,  # kept list: [2] int32: [listed neurons, step-3 arrivals]
         B,
         F,
         stride_xb,
@@ -189,6 +192,7 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         USE_DOT: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        WRITE_KEPT: tl.constexpr,  # also append the kept neurons to the kept list (sparse_down_kept_)
     ):
         pid = tl.program_id(0)
         offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F)  # [BLOCK_F]
@@ -223,9 +227,19 @@ if HAS_TRITON:
                     BLOCK_B, BLOCK_F, BLOCK_K, EVEN_K, USE_DOT, DOT_FP32, False,
                 )
         # 4. h = a * up where kept, 0 elsewhere (every element of [B, F] is written)
-        h = tl.where(keep, a * up, 0.0)
+        h = tl.where(keep, a * up, 0.0).to(h_ptr.dtype.element_ty)
         h_ptrs = h_ptr + offs_b[:, None] * stride_hb + offs_f[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=b_in[:, None] & f_in[None, :])
+        tl.store(h_ptrs, h, mask=b_in[:, None] & f_in[None, :])
+        # 5. kept list: reserve slots with one atomic per program, write the neurons' indices and h
+        if WRITE_KEPT:
+            active_i = row_active.to(tl.int32)
+            n_active = tl.sum(active_i, axis=0)
+            if n_active > 0:
+                base = tl.atomic_add(kept_count_ptr, n_active, sem="relaxed")
+                slot = base + tl.cumsum(active_i, axis=0) - 1  # [BLOCK_F]
+                in_list = row_active & (slot < F)  # a list not consumed by step 3 fills up: never past F
+                tl.store(kept_idx_ptr + slot, offs_f, mask=in_list)
+                tl.store(kept_h_ptr + offs_b[:, None] * F + slot[None, :], h, mask=b_in[:, None] & in_list[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +295,7 @@ def _launch_sparse_gate_up(
     config: Optional[GateUpConfig] = None,
     up_with_gate: bool = False,
     kernel_runner=None,
+    kept: Optional["KeptList"] = None,
 ) -> None:
     """Launch on checked inputs (no checks here: the benchmark sweeps configs through this)."""
     batch, k = x.shape
@@ -292,8 +307,9 @@ def _launch_sparse_gate_up(
     mask_arg = row_mask.view(torch.uint8) if row_mask is not None else gate_threshold
     kernel = _sparse_gate_up_kernel if kernel_runner is None else kernel_runner(_sparse_gate_up_kernel)
     grid = (triton.cdiv(f, cfg.block_f),)
+    kept_args = (kept.idx, kept.h, kept.count) if kept is not None else (h, h, h)
     kernel[grid](
-        x, w_gate, w_up, gate_threshold, mask_arg, h,
+        x, w_gate, w_up, gate_threshold, mask_arg, h, *kept_args,
         batch, f, x.stride(0), h.stride(0),
         K=k,
         ACTIVATION=ACTIVATIONS.index(activation),
@@ -305,6 +321,7 @@ def _launch_sparse_gate_up(
         EVEN_K=k % cfg.block_k == 0,
         USE_DOT=use_dot,
         DOT_FP32=x.dtype == torch.float32 or _interpreting(),
+        WRITE_KEPT=kept is not None,
         num_warps=cfg.num_warps,
     )
 
@@ -386,6 +403,7 @@ def sparse_gate_up(
     row_mask: Optional[torch.Tensor] = None,  # [F] bool: predicted active neurons
     *,
     up_with_gate: bool = False,
+    kept: Optional["KeptList"] = None,
 ) -> torch.Tensor:  # h: [B, F] (or [F]) in x.dtype
     """Gate-aware output-sparse gate/up in one Triton launch (see module docstring).
 
@@ -396,6 +414,9 @@ def sparse_gate_up(
     predicted neurons together with their gate rows instead of after the threshold test. Same h,
     one dependent memory round trip less per neuron, but up rows of neurons the predictor
     over-predicted (predicted, then below threshold) are read too.
+
+    ``kept`` (a :class:`KeptList` from :func:`kept_list`): the kept neurons are also appended to
+    it, for ``sparse_down_kept_`` (step 3 without a rescan of h).
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse_gate_up needs triton; use sparse_gate_up_reference")
@@ -404,10 +425,260 @@ def sparse_gate_up(
     x2 = x.reshape(1, -1) if squeeze else x
     if not isinstance(gate_threshold, torch.Tensor):
         gate_threshold = torch.full((w_gate.shape[0],), float(gate_threshold), dtype=torch.float32, device=x.device)
-    h = torch.ops.actsparse.sparse_gate_up(
-        x2, w_gate, w_up, gate_threshold.contiguous(), activation, row_mask, up_with_gate
-    )
+    if kept is None:
+        h = torch.ops.actsparse.sparse_gate_up(
+            x2, w_gate, w_up, gate_threshold.contiguous(), activation, row_mask, up_with_gate
+        )
+    else:
+        if kept.batch != x2.shape[0] or kept.idx.shape != (w_gate.shape[0],) or kept.h.dtype != x.dtype \
+                or kept.h.device != x.device:
+            raise ValueError(f"kept list ({kept.batch} x {tuple(kept.idx.shape)}, {kept.h.dtype}, {kept.h.device}) "
+                             f"does not fit x {tuple(x2.shape)} {x.dtype} and F={w_gate.shape[0]}")
+        h = torch.ops.actsparse.sparse_gate_up_kept(
+            x2, w_gate, w_up, gate_threshold.contiguous(), activation, kept.idx, kept.h, kept.count,
+            row_mask, up_with_gate
+        )
     return h.reshape(-1) if squeeze else h
+
+
+# ----------------------------------------------------------------------------------------------
+# Kept list: step 2 hands step 3 the rows it needs (ProSparse steps 2 -> 3 without a rescan of h)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class KeptList:
+    """Buffers in which ``sparse_gate_up(..., kept=)`` lists the neurons it kept, for
+    ``sparse_down_kept_``. Make one with :func:`kept_list` per call site (e.g. per layer).
+
+    ``idx`` [F] int32: kept neuron indices in slot order (the order of arrival, which varies);
+    ``h`` [B, F]: their values of h, same slots; ``count`` [2] int32: (neurons listed, arrivals of
+    the step-3 programs). Step 2 appends; step 3 reads the list and, once all of its programs have
+    read the length, zeroes ``count``, so the buffers are ready for the next step 2 without a
+    memset. Call step 3 exactly once after each step 2 that wrote the list.
+    """
+
+    idx: torch.Tensor
+    h: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.h.shape[0]
+
+
+def kept_list(batch: int, f: int, dtype: torch.dtype, device) -> KeptList:
+    """Empty kept-list buffers for ``batch`` rows of an MLP with ``f`` neurons."""
+    return KeptList(idx=torch.zeros(f, dtype=torch.int32, device=device),
+                    h=torch.zeros(batch, f, dtype=dtype, device=device),
+                    count=torch.zeros(2, dtype=torch.int32, device=device))
+
+
+def sparse_down_kept_reference(out: torch.Tensor, kept: KeptList, w_down_t: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch semantics of ``sparse_down_kept_``: out += h[:, :n] @ w_down_t[idx[:n]] in fp32,
+    n = count[0]; then count is zeroed."""
+    n = int(kept.count[0])
+    rows = kept.idx[:n].long()
+    out.view(kept.batch, -1).add_(kept.h[:, :n].float() @ w_down_t[rows].float())
+    kept.count.zero_()
+    return out
+
+
+if HAS_TRITON:
+    from .sparse_gemv import _pdl_prologue, _pdl_supported, _sm_count
+
+    @triton.jit
+    def _kept_tile(t, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n, n_mask, offs_b, b_mask,
+                   USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+        j = t + offs_j  # list slots of this tile
+        j_in = j < hi
+        rows = tl.load(kept_idx_ptr + j, mask=j_in, other=0)
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=j_in[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        if USE_DOT:
+            hv = tl.load(kept_h_ptr + offs_b[:, None] * F + j[None, :], mask=b_mask[:, None] & j_in[None, :],
+                         other=0.0)  # [B_PAD, BLOCK_K]
+            if DOT_FP32:
+                acc = tl.dot(hv.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(hv, w, acc)
+        else:
+            hv = tl.load(kept_h_ptr + j, mask=j_in, other=0.0).to(tl.float32)  # [BLOCK_K]
+            acc += hv[:, None] * w.to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _sparse_down_kept_kernel(
+        kept_idx_ptr,  # [F] int32
+        kept_h_ptr,  # [B, F], row stride F
+        kept_count_ptr,  # [2] int32
+        w_ptr,  # w_down_t: [F, N] contiguous
+        y_ptr,  # out: [B, N] fp32, accumulated into
+        B,
+        N,
+        F,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        B_PAD: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PAIR: tl.constexpr,  # two tiles per step: both weight loads in flight before either is used
+        STATIC_LOOP: tl.constexpr,  # the CPU interpreter: loop bounds must not be tensors
+        F_STATIC: tl.constexpr,  # with STATIC_LOOP: F (an upper bound on the slots per program); else 0
+        RESET: tl.constexpr,  # zero the count once every program has read it (False: benchmarks only)
+        USE_PDL: tl.constexpr,
+    ):
+        """Program (n, k) takes slots [k * per, (k + 1) * per) of the kept list (per = ceil(listed /
+        programs along k), so the work is balanced whatever the sparsity pattern) for column tile n,
+        and adds its partial product into y with fp32 atomics. Chain: length -> indices -> weight rows."""
+        _pdl_prologue(USE_PDL)
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        splits = tl.num_programs(1)
+        total = tl.minimum(tl.load(kept_count_ptr), F)
+        # arrival right after reading the length; its result is needed only at the end. Without
+        # RESET (benchmarks: the list is read again by the next call) the ticket adds 0: same traffic.
+        arrived = tl.atomic_add(kept_count_ptr + 1, 1 if RESET else 0, sem="acq_rel")
+        per = (total + splits - 1) // splits
+        lo = pid_k * per
+        hi = tl.minimum(lo + per, total)
+        offs_j = tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_b = tl.arange(0, B_PAD)
+        b_mask = offs_b < B
+        if USE_DOT:
+            acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # per-row partials, summed at the end
+        STEP: tl.constexpr = BLOCK_K * (2 if PAIR else 1)
+        if STATIC_LOOP:
+            for t0 in range(0, F_STATIC, STEP):
+                acc = _kept_tile(lo + t0, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n,
+                                 n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
+                if PAIR:
+                    acc = _kept_tile(lo + t0 + BLOCK_K, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j,
+                                     offs_n, n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
+        else:
+            for t in range(lo, hi, STEP):
+                if PAIR:
+                    acc2 = tl.zeros_like(acc)
+                    acc2 = _kept_tile(t + BLOCK_K, hi, acc2, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j,
+                                      offs_n, n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
+                    acc = _kept_tile(t, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n,
+                                     n_mask, offs_b, b_mask, USE_DOT, DOT_FP32) + acc2
+                else:
+                    acc = _kept_tile(t, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n,
+                                     n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
+        if USE_DOT:
+            out = acc
+        else:
+            out = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+        out_offs = offs_b[:, None] * N + offs_n[None, :]
+        tl.atomic_add(y_ptr + out_offs, out, mask=b_mask[:, None] & n_mask[None, :], sem="relaxed")
+        if RESET:
+            if arrived == tl.num_programs(0) * splits - 1:  # every program has read the length
+                tl.atomic_xchg(kept_count_ptr, 0)
+                tl.atomic_xchg(kept_count_ptr + 1, 0)
+
+
+@dataclass(frozen=True)
+class KeptDownConfig:
+    """Step 3 on a kept list: BLOCK_K list slots x BLOCK_N outputs per tile, about
+    ``programs_per_sm`` programs per SM in all; ``pair``: two tiles in flight per step."""
+
+    block_k: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+    programs_per_sm: int = 4
+    pair: bool = False
+    pdl: bool = False
+
+    def __post_init__(self):
+        for name in ("block_k", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KeptDownConfig.{name} must be a power of two >= 16, got {v}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.programs_per_sm < 1:
+            raise ValueError("KeptDownConfig: num_warps in 1..16 (power of two), programs_per_sm >= 1")
+
+    def __str__(self) -> str:
+        return (f"k-bk{self.block_k}-bn{self.block_n}-w{self.num_warps}-p{self.programs_per_sm}"
+                f"{'-pair' if self.pair else ''}{'-pdl' if self.pdl else ''}")
+
+
+def _check_kept(out: torch.Tensor, kept: KeptList, w_down_t: torch.Tensor) -> None:
+    f, n = w_down_t.shape
+    if kept.idx.shape != (f,) or kept.idx.dtype != torch.int32 or kept.count.shape != (2,) \
+            or kept.count.dtype != torch.int32 or kept.h.dim() != 2 or kept.h.shape[1] != f:
+        raise ValueError(f"kept list does not fit w_down_t [F={f}, N={n}]: idx {tuple(kept.idx.shape)}, "
+                         f"h {tuple(kept.h.shape)}, count {tuple(kept.count.shape)}")
+    if not 1 <= kept.batch <= MAX_BATCH:
+        raise ValueError(f"kept list batch must be 1..{MAX_BATCH}, got {kept.batch}")
+    if kept.h.dtype != w_down_t.dtype:
+        raise TypeError(f"kept list dtype {kept.h.dtype} differs from w_down_t {w_down_t.dtype}")
+    if not w_down_t.is_contiguous():
+        raise ValueError("w_down_t must be contiguous ([F, N]: a row per neuron)")
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != kept.batch * n:
+        raise ValueError(f"out must be a contiguous fp32 tensor of {kept.batch} x {n}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    devices = {t.device for t in (out, kept.idx, kept.h, kept.count, w_down_t)}
+    if len(devices) != 1:
+        raise ValueError(f"tensors on several devices: {devices}")
+    if out.device.type != "cuda" and not _interpreting():
+        raise ValueError("the Triton kernel needs CUDA (or TRITON_INTERPRET=1); use sparse_down_kept_reference")
+
+
+def _launch_sparse_down_kept(out, kept: KeptList, w_down_t, config: Optional[KeptDownConfig] = None,
+                             reset: bool = True, kernel_runner=None) -> None:
+    cfg = config or KeptDownConfig()
+    f, n = w_down_t.shape
+    batch = kept.batch
+    use_dot = batch > 1
+    grid_n = triton.cdiv(n, cfg.block_n)
+    splits = max(1, min(triton.cdiv(f, cfg.block_k), cfg.programs_per_sm * _sm_count(out.device) // grid_n))
+    kernel = _sparse_down_kept_kernel if kernel_runner is None else kernel_runner(_sparse_down_kept_kernel)
+    extra = {}
+    use_pdl = cfg.pdl and _pdl_supported(out.device)
+    if use_pdl:
+        extra["launch_pdl"] = True
+    kernel[(grid_n, splits)](
+        kept.idx, kept.h, kept.count, w_down_t, out, batch, n, f,
+        BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, B_PAD=16 if use_dot else 1, USE_DOT=use_dot,
+        DOT_FP32=w_down_t.dtype == torch.float32 or _interpreting(), PAIR=cfg.pair,
+        STATIC_LOOP=_interpreting(), F_STATIC=f if _interpreting() else 0, RESET=reset, USE_PDL=use_pdl, num_warps=cfg.num_warps, **extra,
+    )
+
+
+if HAS_TRITON:
+
+    @torch.library.triton_op("actsparse::sparse_gate_up_kept", mutates_args=("kept_idx", "kept_h", "kept_count"))
+    def _sparse_gate_up_kept_op(
+        x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, gate_threshold: torch.Tensor, activation: str,
+        kept_idx: torch.Tensor, kept_h: torch.Tensor, kept_count: torch.Tensor,
+        row_mask: Optional[torch.Tensor] = None, up_with_gate: bool = False,
+    ) -> torch.Tensor:
+        h = torch.empty((x.shape[0], w_gate.shape[0]), dtype=x.dtype, device=x.device)
+        _launch_sparse_gate_up(x, w_gate, w_up, gate_threshold, activation, row_mask, h, up_with_gate=up_with_gate,
+                               kernel_runner=_launcher, kept=KeptList(kept_idx, kept_h, kept_count))
+        return h
+
+    @torch.library.triton_op("actsparse::sparse_down_kept_", mutates_args=("out", "kept_count"))
+    def _sparse_down_kept_op(out: torch.Tensor, kept_idx: torch.Tensor, kept_h: torch.Tensor,
+                             kept_count: torch.Tensor, w_down_t: torch.Tensor) -> None:
+        _launch_sparse_down_kept(out, KeptList(kept_idx, kept_h, kept_count), w_down_t, kernel_runner=_launcher)
+
+
+def sparse_down_kept_(out: torch.Tensor, kept: KeptList, w_down_t: torch.Tensor) -> torch.Tensor:
+    """ProSparse step 3 on step 2's kept list: ``out += h @ w_down_t`` in fp32, reading only the
+    rows of w_down_t (``[F, N]``) of the neurons that ``sparse_gate_up(..., kept=kept)`` listed.
+
+    Unlike ``sparse_gemv_add_(out, h, w_down_t)`` it does not scan h for its nonzeros: the list
+    gives the rows, and its length splits them evenly over the programs. The list is consumed (its
+    count zeroed) by this call. Returns out. Summation order varies from run to run."""
+    if not HAS_TRITON:
+        raise RuntimeError("sparse_down_kept_ needs triton; use sparse_down_kept_reference")
+    _check_kept(out, kept, w_down_t)
+    torch.ops.actsparse.sparse_down_kept_(out, kept.idx, kept.h, kept.count, w_down_t)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
