@@ -384,9 +384,10 @@ def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copie
 
     - step 2 with the list: 32 calls on 16 lists; the lists' counts are zeroed once at the start of
       each replay (one memset, counted in the per-call time), since no step 3 consumes them here.
-    - step 3 alone: the lists are filled once by step 2, and the kernel runs with RESET=False so
-      the list survives for the next call (every call reads the same list, and still takes its
-      arrival ticket); configs in KEPT_SWEEP, `rounds` interleaved rounds, median, best re-timed.
+    - step 3 alone: the lists are filled once by step 2, and the kernel runs with RESET=False: the
+      same work (arrival tickets, the last program's two writes), but the length is written back
+      instead of zeroed, so the next call reads the same list; configs in KEPT_SWEEP, `rounds`
+      interleaved rounds, median, best re-timed.
     - whole MLP: 32 (step 2 -> step 3) pairs with the real protocol (step 3 zeroes the count).
     Each config is checked against the fp64 product first."""
     import dataclasses

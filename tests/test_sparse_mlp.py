@@ -368,6 +368,21 @@ def test_kept_list_reference_and_unconsumed_list():
     assert set(kept.idx.tolist()) <= set(range(40))
 
 
+def test_kept_list_without_reset_is_read_again():
+    """RESET=False (the benchmark's step-3-alone timing): same result, and the list survives."""
+    x, w_gate, w_up, g = make_inputs(2, 64, 90, torch.bfloat16, 41)
+    w_down_t = (torch.randn(90, 30, generator=g) / 9).to(torch.bfloat16)
+    kept = kept_list(2, 90, torch.bfloat16, "cpu")
+    h = sparse_gate_up(x, w_gate, w_up, 0.05, "relu", kept=kept)
+    listed = kept.count.tolist()
+    exact = h.double() @ w_down_t.double()
+    for _ in range(2):
+        out = torch.zeros(2, 30)
+        _launch_sparse_down_kept(out, kept, w_down_t, KeptDownConfig(block_k=16, block_n=16), reset=False)
+        assert kept.count.tolist() == listed and listed[0] > 0 and listed[1] == 0
+        assert rel_err(out, exact) < 1e-5
+
+
 def test_kept_list_rejects_bad_buffers():
     w_down_t = torch.randn(40, 24, dtype=torch.bfloat16)
     good = kept_list(2, 40, torch.bfloat16, "cpu")

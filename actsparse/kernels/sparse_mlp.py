@@ -523,7 +523,7 @@ if HAS_TRITON:
         PAIR: tl.constexpr,  # two tiles per step: both weight loads in flight before either is used
         STATIC_LOOP: tl.constexpr,  # the CPU interpreter: loop bounds must not be tensors
         F_STATIC: tl.constexpr,  # with STATIC_LOOP: F (an upper bound on the slots per program); else 0
-        RESET: tl.constexpr,  # zero the count once every program has read it (False: benchmarks only)
+        RESET: tl.constexpr,  # zero the count once every program has read it (False: keep the list; benchmarks)
         USE_PDL: tl.constexpr,
     ):
         """Program (n, k) takes slots [k * per, (k + 1) * per) of the kept list (per = ceil(listed /
@@ -533,10 +533,15 @@ if HAS_TRITON:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         splits = tl.num_programs(1)
-        total = tl.minimum(tl.load(kept_count_ptr), F)
-        # arrival right after reading the length; its result is needed only at the end. Without
-        # RESET (benchmarks: the list is read again by the next call) the ticket adds 0: same traffic.
-        arrived = tl.atomic_add(kept_count_ptr + 1, 1 if RESET else 0, sem="acq_rel")
+        listed = tl.load(kept_count_ptr)
+        total = tl.minimum(listed, F)
+        # Arrival ticket, taken right after reading the length; its value is needed only at the end.
+        # Relaxed, so the weight loads below do not wait for it (an acquire would make them wait for
+        # the ticket, which ~500 programs contend for). The ticket's operand depends on the loaded
+        # length, so the ticket cannot be taken before the length has been read: when the last
+        # ticket is taken, every program has read the length, and zeroing it is safe.
+        tick = tl.where(listed >= 0, 1, 0)
+        arrived = tl.atomic_add(kept_count_ptr + 1, tick, sem="relaxed")
         per = (total + splits - 1) // splits
         lo = pid_k * per
         hi = tl.minimum(lo + per, total)
@@ -574,10 +579,11 @@ if HAS_TRITON:
             out = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
         out_offs = offs_b[:, None] * N + offs_n[None, :]
         tl.atomic_add(y_ptr + out_offs, out, mask=b_mask[:, None] & n_mask[None, :], sem="relaxed")
-        if RESET:
-            if arrived == tl.num_programs(0) * splits - 1:  # every program has read the length
-                tl.atomic_xchg(kept_count_ptr, 0)
-                tl.atomic_xchg(kept_count_ptr + 1, 0)
+        if arrived == tl.num_programs(0) * splits - 1:  # every program has read the length
+            # RESET=False (benchmarks time step 3 alone on one list): the same work, but the length
+            # is written back instead of zeroed, so the next call reads the same list.
+            tl.atomic_xchg(kept_count_ptr, 0 if RESET else listed, sem="relaxed")
+            tl.atomic_xchg(kept_count_ptr + 1, 0, sem="relaxed")
 
 
 @dataclass(frozen=True)
