@@ -370,10 +370,11 @@ def step3_sweep(mlps, shapes, problem, sparse_gate_up, smoke, failures, copies=1
     return rows
 
 
-# --kept: step 3 on step 2's kept list; (block_k, block_n, warps, programs/SM, pair)
-KEPT_SWEEP = ((64, 128, 4, 4, False), (64, 128, 4, 4, True), (64, 128, 4, 2, False), (64, 128, 4, 2, True),
-              (64, 128, 4, 6, False), (128, 128, 8, 4, False), (32, 128, 4, 4, True), (64, 64, 4, 4, False),
-              (64, 256, 8, 2, False), (32, 128, 4, 8, False))
+# --kept: step 3 on step 2's kept list; (block_k, block_n, warps, programs/SM, pair, min_rows)
+KEPT_SWEEP = ((64, 128, 4, 4, False, 0), (64, 128, 4, 2, False, 0), (64, 128, 4, 4, False, 96),
+              (64, 128, 4, 4, False, 128), (64, 128, 4, 4, False, 160), (64, 128, 4, 4, False, 192),
+              (64, 128, 4, 4, False, 256), (64, 128, 4, 6, False, 160), (64, 64, 4, 4, False, 0),
+              (32, 128, 4, 4, True, 0))
 
 
 def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copies=16, rounds=3,
@@ -397,7 +398,7 @@ def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copie
     from actsparse.kernels import sparse_mlp as sm
 
     rows = []
-    configs = [sm.KeptDownConfig(bk, bn, w, p, pair, pdl=True) for bk, bn, w, p, pair in KEPT_SWEEP]
+    configs = [sm.KeptDownConfig(bk, bn, w, p, pair, pdl=True, min_rows=mr) for bk, bn, w, p, pair, mr in KEPT_SWEEP]
     for name in shapes:
         base = mlps[name]
         reps = [base] + [{k: v.clone() for k, v in base.items()} for _ in range(copies - 1)]

@@ -523,6 +523,7 @@ if HAS_TRITON:
         PAIR: tl.constexpr,  # two tiles per step: both weight loads in flight before either is used
         STATIC_LOOP: tl.constexpr,  # the CPU interpreter: loop bounds must not be tensors
         F_STATIC: tl.constexpr,  # with STATIC_LOOP: F (an upper bound on the slots per program); else 0
+        MIN_ROWS: tl.constexpr,  # fewest list slots per program (0: use every program)
         RESET: tl.constexpr,  # zero the count once every program has read it (False: keep the list; benchmarks)
         USE_PDL: tl.constexpr,
     ):
@@ -542,7 +543,12 @@ if HAS_TRITON:
         # ticket is taken, every program has read the length, and zeroing it is safe.
         tick = tl.where(listed >= 0, 1, 0)
         arrived = tl.atomic_add(kept_count_ptr + 1, tick, sem="relaxed")
-        per = (total + splits - 1) // splits
+        # Programs used along k: enough that each gets at least MIN_ROWS list slots (a program's
+        # fixed chain is amortised over more rows when the list is short), at most all of them.
+        used = splits
+        if MIN_ROWS > 0:
+            used = tl.minimum(splits, tl.maximum((total + MIN_ROWS - 1) // MIN_ROWS, 1))
+        per = (total + used - 1) // used
         lo = pid_k * per
         hi = tl.minimum(lo + per, total)
         offs_j = tl.arange(0, BLOCK_K)
@@ -578,7 +584,8 @@ if HAS_TRITON:
         else:
             out = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
         out_offs = offs_b[:, None] * N + offs_n[None, :]
-        tl.atomic_add(y_ptr + out_offs, out, mask=b_mask[:, None] & n_mask[None, :], sem="relaxed")
+        tl.atomic_add(y_ptr + out_offs, out, mask=b_mask[:, None] & n_mask[None, :] & (pid_k < used),
+                      sem="relaxed")  # programs left unused add nothing
         if arrived == tl.num_programs(0) * splits - 1:  # every program has read the length
             # RESET=False (benchmarks time step 3 alone on one list): the same work, but the length
             # is written back instead of zeroed, so the next call reads the same list.
@@ -597,18 +604,22 @@ class KeptDownConfig:
     programs_per_sm: int = 4
     pair: bool = False
     pdl: bool = False
+    min_rows: int = 0  # programs along k used: at most cdiv(list length, min_rows); 0 = all
 
     def __post_init__(self):
         for name in ("block_k", "block_n"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"KeptDownConfig.{name} must be a power of two >= 16, got {v}")
+        if self.min_rows < 0:
+            raise ValueError(f"KeptDownConfig.min_rows must be >= 0, got {self.min_rows}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.programs_per_sm < 1:
             raise ValueError("KeptDownConfig: num_warps in 1..16 (power of two), programs_per_sm >= 1")
 
     def __str__(self) -> str:
         return (f"k-bk{self.block_k}-bn{self.block_n}-w{self.num_warps}-p{self.programs_per_sm}"
-                f"{'-pair' if self.pair else ''}{'-pdl' if self.pdl else ''}")
+                f"{'-pair' if self.pair else ''}{'-pdl' if self.pdl else ''}"
+                f"{f'-min{self.min_rows}' if self.min_rows else ''}")
 
 
 def _check_kept(out: torch.Tensor, kept: KeptList, w_down_t: torch.Tensor) -> None:
@@ -650,7 +661,7 @@ def _launch_sparse_down_kept(out, kept: KeptList, w_down_t, config: Optional[Kep
         kept.idx, kept.h, kept.count, w_down_t, out, batch, n, f,
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, B_PAD=16 if use_dot else 1, USE_DOT=use_dot,
         DOT_FP32=w_down_t.dtype == torch.float32 or _interpreting(), PAIR=cfg.pair,
-        STATIC_LOOP=_interpreting(), F_STATIC=f if _interpreting() else 0, RESET=reset, USE_PDL=use_pdl, num_warps=cfg.num_warps, **extra,
+        STATIC_LOOP=_interpreting(), F_STATIC=f if _interpreting() else 0, MIN_ROWS=cfg.min_rows, RESET=reset, USE_PDL=use_pdl, num_warps=cfg.num_warps, **extra,
     )
 
 
