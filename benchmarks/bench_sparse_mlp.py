@@ -371,7 +371,7 @@ def step3_sweep(mlps, shapes, problem, sparse_gate_up, smoke, failures, copies=1
 
 
 # --kept: step 3 on step 2's kept list; (block_k, block_n, warps, programs/SM, pair, min_rows)
-KEPT_SWEEP = ((64, 128, 4, 4, False, 0), (64, 128, 4, 2, False, 0), (64, 128, 4, 4, False, 96),
+KEPT_SWEEP = ((64, 128, 4, 4, False, 0), (64, 128, 4, 2, False, 0), (64, 128, 4, 4, False, 96),  # 96: default
               (64, 128, 4, 4, False, 128), (64, 128, 4, 4, False, 160), (64, 128, 4, 4, False, 192),
               (64, 128, 4, 4, False, 256), (64, 128, 4, 6, False, 160), (64, 64, 4, 4, False, 0),
               (32, 128, 4, 4, True, 0))

@@ -596,7 +596,8 @@ if HAS_TRITON:
 @dataclass(frozen=True)
 class KeptDownConfig:
     """Step 3 on a kept list: BLOCK_K list slots x BLOCK_N outputs per tile, about
-    ``programs_per_sm`` programs per SM in all; ``pair``: two tiles in flight per step."""
+    ``programs_per_sm`` programs per SM in all (of which a short list uses fewer, ``min_rows``);
+    ``pair``: two tiles in flight per step."""
 
     block_k: int = 64
     block_n: int = 128
@@ -604,7 +605,10 @@ class KeptDownConfig:
     programs_per_sm: int = 4
     pair: bool = False
     pdl: bool = False
-    min_rows: int = 0  # programs along k used: at most cdiv(list length, min_rows); 0 = all
+    # programs along k used: at most cdiv(list length, min_rows); 0 = all. 96: best geometric mean
+    # over LLaMA-2-7B/13B down at 67%/89% among the H100 sweep's configs that reach 4x at 89%
+    # (bench_sparse_mlp.py --kept, 776846c; docs/RESULTS.md)
+    min_rows: int = 96
 
     def __post_init__(self):
         for name in ("block_k", "block_n"):
