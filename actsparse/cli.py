@@ -150,7 +150,7 @@ def relufy(
     micro_batch: Optional[int] = typer.Option(None, help="sequences per forward (gradient accumulation)"),
     seq_len: int = typer.Option(1024),
     lr: float = typer.Option(1e-4),
-    l1_peak: float = typer.Option(8.0, help="peak progressive-L1 factor of the fine-tune (0: off)"),
+    l1_peak: float = typer.Option(2.0, help="peak progressive-L1 factor of the fine-tune (0: off)"),
     distill: float = typer.Option(1.0, help="weight of KL distillation from the original model (0: off)"),
     hidden_distill: float = typer.Option(1.0, help="weight of per-layer hidden-state distillation (0: off)"),
     layerwise_steps: int = typer.Option(1200, help="first fit each ReLU MLP to the original MLP (0: skip)"),
@@ -160,6 +160,9 @@ def relufy(
                                       "with the text (0: none)"),
     fat_tol: Optional[float] = typer.Option(0.01, help="FATReLU: largest T with held-out ppl within this fraction"),
     fat_sparsity: Optional[float] = typer.Option(None, help="FATReLU: T for this held-out sparsity instead"),
+    fat_allocation: str = typer.Option("sensitivity", help="FATReLU: how the sparsity is shared between layers: "
+                                       "uniform (one T), equal (same sparsity per layer), sensitivity (measured "
+                                       "per-layer cost, greedy)"),
     relu_after_norm: bool = typer.Option(False, help="also ReLU after the norms (sparse q/k/v, gate/up inputs)"),
     checkpoint_every: int = typer.Option(25),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints after an interruption"),
@@ -206,9 +209,10 @@ def relufy(
             bf16=device.startswith("cuda"))
     sample = SampleConfig(tokens=sample_tokens, seq_len=seq_len) if sample_tokens else None
     if fat_sparsity is not None:
-        fat = FatThresholdConfig(max_ppl_increase=None, target_sparsity=fat_sparsity, context=seq_len)
+        fat = FatThresholdConfig(max_ppl_increase=None, target_sparsity=fat_sparsity, context=seq_len,
+                                 allocation=fat_allocation)
     elif fat_tol is not None:
-        fat = FatThresholdConfig(max_ppl_increase=fat_tol, context=seq_len)
+        fat = FatThresholdConfig(max_ppl_increase=fat_tol, context=seq_len, allocation=fat_allocation)
     else:
         fat = None
     res = relufy_and_train(mdl, tok, body, out, train=train, relu=ReluConfig(relu_after_norm=relu_after_norm),

@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/plot_relu.py --out docs/relu_smollm2.png
 
 Reads the raw records of `benchmarks/relu_smollm2.py` (docs/RESULTS.md "ReLU path"): run 2 of the
-previous session (logit distillation only) and runs 3-7 (layer-wise MLP distillation, hidden-state
-distillation, sampled text). Every ReLU stage of a run (e2e fine-tunes and their FATReLU variants)
+previous session (logit distillation only) and runs 3-10 (layer-wise MLP distillation, hidden-state
+distillation, sampled text, lower L1 peaks, per-layer FATReLU allocation). Every ReLU stage of a run (e2e fine-tunes and their FATReLU variants)
 is one point, the line joins the points that no sparser point of the run beats; the goal region
 (<= 1.1 x the control's perplexity) and the goal sparsity are marked.
 """
@@ -22,6 +22,9 @@ RUNS = [  # (file, label)
     ("benchmarks/results/relu_smollm2_h100_lw4.json", "run 6: layer-wise 2000, L1 4"),
     ("benchmarks/results/relu_smollm2_h100_lw5.json", "run 7: run 5 + 512k sampled tokens"),
     ("benchmarks/results/relu_smollm2_h100_lw6.json", "run 8: run 7 with 4M sampled tokens, 1400 steps"),
+    ("benchmarks/results/relu_smollm2_h100_run9a.json", "run 9: run 7, L1 peaks 8 and 4, FATReLU allocations"),
+    ("benchmarks/results/relu_smollm2_h100_run9b.json", "run 9: run 7, L1 peaks 2 and 1"),
+    ("benchmarks/results/relu_smollm2_h100_run10.json", "run 10: run 8 with L1 peak 2"),
 ]
 
 

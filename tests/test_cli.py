@@ -197,6 +197,8 @@ def test_cli_relufy_trains(capsys, tmp_path, model_dir, text_file):
     assert last_json(out_json)["new_tokens"] == 4
     code, _, err = run_cli(capsys, *args[:-4], "--steps", 0)
     assert code == 2 and "steps >= 1" in err
+    code, _, err = run_cli(capsys, *args, "--fat-allocation", "by-hand")
+    assert code == 2 and "allocation" in err
 
 
 def test_cli_relufy_layerwise_and_hidden_distill(capsys, tmp_path, model_dir, text_file):
