@@ -684,35 +684,31 @@ def main(argv=None) -> int:
     def gbps(nbytes, ms):
         return nbytes / (ms * 1e-3) / 1e9
 
+    def only_section(key, rows, bench, summary):
+        """--kept / --step3-sweep: write this one section (after its own checks) and stop."""
+        results[key] = rows
+        if failures:
+            print(f"GATE FAILED in {key}:", failures)
+            print(json.dumps({"bench": "sparse_mlp", "env": results["env"], "gate_failed": failures}))
+            return 1
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+        print(json.dumps({"bench": bench, **{k: results["env"][k] for k in ("gpu", "date", "commit")},
+                          "rows": [summary(r) for r in rows]}))
+        return 0
+
+    copies, rounds = (2, 1) if smoke else (16, 3)
     if args.kept:
-        results["kept"] = kept_back_to_back(mlps, prosparse_shapes, problem, dense_step2, smoke, failures,
-                                            copies=2 if smoke else 16, rounds=1 if smoke else 3)
-        if failures:
-            print("GATE FAILED in the kept-list section:", failures)
-            print(json.dumps({"bench": "sparse_mlp", "env": results["env"], "gate_failed": failures}))
-            return 1
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=1))
-        print(json.dumps({"bench": "sparse_mlp_kept", **{k: results["env"][k] for k in ("gpu", "date", "commit")},
-                          "rows": [{"shape": r["shape"], "s": round(r["sparsity_actual"], 3),
-                                    **{k: round(v, 2) for k, v in r["speedup"].items()}} for r in results["kept"]]}))
-        return 0
+        return only_section(
+            "kept", kept_back_to_back(mlps, prosparse_shapes, problem, dense_step2, smoke, failures, copies, rounds),
+            "sparse_mlp_kept", lambda r: {"shape": r["shape"], "s": round(r["sparsity_actual"], 3),
+                                          **{k: round(v, 2) for k, v in r["speedup"].items()}})
     if args.step3_sweep:
-        results["step3_sweep"] = step3_sweep(mlps, prosparse_shapes, problem, sparse_gate_up, smoke, failures,
-                                             copies=2 if smoke else 16, rounds=1 if smoke else 3)
-        if failures:
-            print("GATE FAILED in the step-3 sweep:", failures)
-            print(json.dumps({"bench": "sparse_mlp", "env": results["env"], "gate_failed": failures}))
-            return 1
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=1))
-        print(json.dumps({"bench": "sparse_mlp_step3_sweep", **{k: results["env"][k] for k in ("gpu", "date", "commit")},
-                          "rows": [{k: r[k] for k in ("shape", "sparsity_actual", "best", "speedup_default",
-                                                      "speedup_best", "speedup_best_retimed")}
-                                   for r in results["step3_sweep"]]}))
-        return 0
+        return only_section(
+            "step3_sweep", step3_sweep(mlps, prosparse_shapes, problem, sparse_gate_up, smoke, failures, copies, rounds),
+            "sparse_mlp_step3_sweep", lambda r: {k: r[k] for k in ("shape", "sparsity_actual", "best", "speedup_default",
+                                                                  "speedup_best", "speedup_best_retimed")})
 
     # ---------------- tile sweep (B=1, CUDA-graph replays) ----------------
     sweep = []

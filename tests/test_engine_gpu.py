@@ -148,3 +148,47 @@ def test_decode_attention_kernels_native(case):
     assert err < 2e-2
     assert torch.equal(v_cache, v_ref)
     assert rel_err(k_cache, k_ref) < 1e-2
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_kept_list_native_compiled_and_graphed(B):
+    """ProSparse steps 2 -> 3 through the kept list with compiled Triton kernels: eager, inside
+    torch.compile(fullgraph=True) (the custom ops), and replayed from a CUDA graph five times (the
+    list's count must be zero after every step 3, or the next step 2 would append to a stale list)."""
+    from actsparse.kernels.sparse_mlp import kept_list, sparse_down_kept_, sparse_gate_up
+
+    g = torch.Generator(device="cuda").manual_seed(B)
+    K, F, N = 1000, 2900, 1000  # odd sizes
+    x = torch.randn(B, K, device="cuda", generator=g).bfloat16()
+    wg = (torch.randn(F, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    wu = (torch.randn(F, K, device="cuda", generator=g) / K**0.5).bfloat16()
+    wd_t = (torch.randn(F, N, device="cuda", generator=g) / F**0.5).bfloat16()
+    thr = torch.full((F,), 0.6, device="cuda")  # about 85% of ReLU(gate) below it
+    kept = kept_list(B, F, torch.bfloat16, "cuda")
+
+    def mlp(x, out):
+        h = sparse_gate_up(x, wg, wu, thr, "relu", kept=kept)
+        sparse_down_kept_(out, kept, wd_t)
+        return h
+
+    out = torch.zeros(B, N, device="cuda")
+    h = mlp(x, out)
+    exact = h.double() @ wd_t.double()
+    assert (h == 0).float().mean().item() > 0.7
+    assert rel_err(out, exact) < 1e-4 and kept.count.tolist() == [0, 0]
+    compiled = torch.compile(mlp, fullgraph=True)
+    out.zero_()
+    compiled(x, out)
+    assert rel_err(out, exact) < 1e-4 and kept.count.tolist() == [0, 0]
+    out.zero_()
+    mlp(x, out)  # warm-up on the side stream is not needed: kernels and buffers exist already
+    graph = torch.cuda.CUDAGraph()
+    out.zero_()
+    with torch.cuda.graph(graph):
+        mlp(x, out)
+    out.zero_()
+    for i in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert kept.count.tolist() == [0, 0]
+        assert rel_err(out, (i + 1) * exact) < 1e-4

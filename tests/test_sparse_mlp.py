@@ -399,3 +399,20 @@ def test_kept_list_rejects_bad_buffers():
         sparse_gate_up(x, w_gate, w_up, 0.0, "relu", kept=good)  # batch 3, list for 2
     with pytest.raises(ValueError):
         KeptDownConfig(block_k=48)
+
+
+def test_kept_ops_opcheck():
+    x, w_gate, w_up, g = make_inputs(2, 40, 24, torch.float16, 17)
+    kept = kept_list(2, 24, torch.float16, "cpu")
+    torch.library.opcheck(
+        torch.ops.actsparse.sparse_gate_up_kept.default,
+        (x, w_gate, w_up, torch.full((24,), 0.1), "relu", kept.idx, kept.h, kept.count),
+        test_utils=("test_schema", "test_autograd_registration"),  # see test_opcheck
+    )
+    kept.count.zero_()
+    sparse_gate_up(x, w_gate, w_up, 0.1, "relu", kept=kept)
+    torch.library.opcheck(
+        torch.ops.actsparse.sparse_down_kept_.default,
+        (torch.zeros(2, 30), kept.idx, kept.h, kept.count, torch.randn(24, 30, generator=g).half()),
+        test_utils=("test_schema", "test_autograd_registration"),
+    )
