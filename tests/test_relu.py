@@ -289,15 +289,20 @@ def test_select_fat_threshold():
     target = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(max_ppl_increase=None, target_sparsity=0.9,
                                                                        context=32, max_tokens=512, search_steps=5))
     assert target.threshold > 0 and set(fat_thresholds(model).values()) == {target.threshold}
-    assert abs(target.sparsity - 0.9) < 0.05
+    assert 0.9 <= target.sparsity < 0.95  # re-aimed until the measured sparsity reaches the target
+    # coarse quantiles (8 samples per layer and forward) miss the target; re-aiming fixes that
+    coarse = dict(max_ppl_increase=None, target_sparsity=0.85, context=32, max_tokens=512, samples_per_call=8)
+    once = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(**coarse, target_retries=0))
+    again = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(**coarse))
+    assert once.sparsity < 0.85 <= again.sparsity and len(again.trials) > 1
     per_layer = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(
         max_ppl_increase=None, target_sparsity=0.8, allocation="equal", context=32, max_tokens=512, search_steps=5))
-    assert abs(per_layer.sparsity - 0.8) < 0.05
+    assert 0.8 <= per_layer.sparsity < 0.85
     assert per_layer.layer_targets and all(abs(v - 0.8) < 0.1 for v in per_layer.layer_targets.values())
     sens = select_fat_threshold_(model, tok, TEXT, FatThresholdConfig(
         max_ppl_increase=None, target_sparsity=0.8, allocation="sensitivity", context=32, max_tokens=512,
         sensitivity_step=0.1, sensitivity_tokens=256))
-    assert abs(sens.sparsity - 0.8) < 0.06
+    assert 0.8 <= sens.sparsity < 0.86
     assert set(sens.sensitivity) == set(fat_thresholds(model))
     for pairs in sens.sensitivity.values():  # first pair: the layer at T = 0, no cost; levels increase
         assert pairs[0][1] == 0.0 and all(a[0] < b[0] for a, b in zip(pairs, pairs[1:]))
