@@ -189,6 +189,18 @@ def bench_b2b_us(fns, smoke: bool, repeat: int = 1, prologue=None) -> float:
     return ms * 1e3 / calls
 
 
+def interleaved_us(timers: dict, rounds: int) -> tuple[dict, dict]:
+    """Each timer once per round, in order, for `rounds` rounds, so drift hits all of them alike.
+    -> ({name: [us per round]}, {name: median us})."""
+    import statistics
+
+    times = {k: [] for k in timers}
+    for _ in range(rounds):
+        for k, fn in timers.items():
+            times[k].append(fn())
+    return times, {k: statistics.median(v) for k, v in times.items()}
+
+
 TALL_STEP3 = ((128, 64, 4, 4, False), (128, 128, 4, 4, True), (256, 64, 4, 4, True), (128, 128, 8, 2, False))
 
 
@@ -312,8 +324,6 @@ def step3_sweep(mlps, shapes, problem, sparse_gate_up, smoke, failures, copies=1
     (round r times every config once), so drift hits all of them alike; the figure is the median
     over rounds. The fastest config by that median is then timed once more in a fresh graph, so
     its reported time is not the minimum of noisy draws."""
-    import statistics
-
     from actsparse.kernels import sparse_gemv as sg
 
     rows = []
@@ -342,14 +352,10 @@ def step3_sweep(mlps, shapes, problem, sparse_gate_up, smoke, failures, copies=1
                         for m, h, r in zip(reps, hs, rs)]
 
             dense = [lambda m=m, h=h: h @ m["w_down_t"] for m, h in zip(reps, hs)]
-            times = {str(c): [] for c in ok}
-            dense_t = []
-            for _ in range(rounds):
-                dense_t.append(bench_b2b_us(dense, smoke, repeat=2))
-                for c in ok:
-                    times[str(c)].append(bench_b2b_us(calls(c), smoke, repeat=2))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            dense_us = statistics.median(dense_t)
+            times, med = interleaved_us({"dense": lambda: bench_b2b_us(dense, smoke, repeat=2),
+                                         **{str(c): lambda c=c: bench_b2b_us(calls(c), smoke, repeat=2)
+                                            for c in ok}}, rounds)
+            dense_t, dense_us = times.pop("dense"), med.pop("dense")
             best = min(ok, key=lambda c: med[str(c)])
             default = str(configs[0])
             retime = bench_b2b_us(calls(best), smoke, repeat=2)
@@ -370,11 +376,10 @@ def step3_sweep(mlps, shapes, problem, sparse_gate_up, smoke, failures, copies=1
     return rows
 
 
-# --kept: step 3 on step 2's kept list; (block_k, block_n, warps, programs/SM, pair, min_rows)
-KEPT_SWEEP = ((64, 128, 4, 4, False, 0), (64, 128, 4, 2, False, 0), (64, 128, 4, 4, False, 96),  # 96: default
-              (64, 128, 4, 4, False, 128), (64, 128, 4, 4, False, 160), (64, 128, 4, 4, False, 192),
-              (64, 128, 4, 4, False, 256), (64, 128, 4, 6, False, 160), (64, 64, 4, 4, False, 0),
-              (32, 128, 4, 4, True, 0))
+# --kept: step 3 on step 2's kept list; (block_k, block_n, warps, programs/SM, min_rows)
+KEPT_SWEEP = ((64, 128, 4, 4, 0), (64, 128, 4, 2, 0), (64, 128, 4, 4, 96),  # 96: the default
+              (64, 128, 4, 4, 128), (64, 128, 4, 4, 160), (64, 128, 4, 4, 192),
+              (64, 128, 4, 4, 256), (64, 128, 4, 6, 160), (64, 64, 4, 4, 0), (32, 128, 4, 4, 0))
 
 
 def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copies=16, rounds=3,
@@ -392,13 +397,12 @@ def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copie
     - whole MLP: 32 (step 2 -> step 3) pairs with the real protocol (step 3 zeroes the count).
     Each config is checked against the fp64 product first."""
     import dataclasses
-    import statistics
 
     from actsparse.kernels import sparse_gemv as sg
     from actsparse.kernels import sparse_mlp as sm
 
     rows = []
-    configs = [sm.KeptDownConfig(bk, bn, w, p, pair, pdl=True, min_rows=mr) for bk, bn, w, p, pair, mr in KEPT_SWEEP]
+    configs = [sm.KeptDownConfig(bk, bn, w, p, pdl=True, min_rows=mr) for bk, bn, w, p, mr in KEPT_SWEEP]
     for name in shapes:
         base = mlps[name]
         reps = [base] + [{k: v.clone() for k, v in base.items()} for _ in range(copies - 1)]
@@ -452,13 +456,18 @@ def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copie
                 return [lambda m=m, r=r: run(m, r) for m, r in zip(reps, rs)]
 
             b2b = functools.partial(bench_b2b_us, smoke=smoke, repeat=2)
-            fixed = {
+            def step2_kept():
+                us = b2b([lambda m=m, kl=kl: sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask,
+                                                                kept=kl) for m, kl in zip(reps, lists)],
+                         prologue=counts.zero_)
+                fill()  # the timing appended to the lists: refill them for step 3
+                return us
+
+            timers = {
                 "dense_step2": lambda: b2b([lambda m=m: dense_step2(x, m, "relu") for m in reps]),
                 "step2_plain": lambda: b2b(
                     [lambda m=m: sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask) for m in reps]),
-                "step2_kept": lambda: b2b(
-                    [lambda m=m, kl=kl: sm.sparse_gate_up(x, m["w_gate"], m["w_up"], thr, "relu", row_mask, kept=kl)
-                     for m, kl in zip(reps, lists)], prologue=counts.zero_),
+                "step2_kept": step2_kept,
                 "dense_step3_linear": lambda: b2b([lambda m=m, h=h: F.linear(h, m["w_down"]) for m, h in zip(reps, hs)]),
                 "dense_step3_matmul": lambda: b2b([lambda m=m, h=h: h @ m["w_down_t"] for m, h in zip(reps, hs)]),
                 "step3_plain_add_pdl": lambda: b2b(
@@ -466,16 +475,9 @@ def kept_back_to_back(mlps, shapes, problem, dense_step2, smoke, failures, copie
                      for m, h, r in zip(reps, hs, rs)]),
                 "dense_mlp": lambda: b2b([lambda m=m: F.linear(dense_step2(x, m, "relu"), m["w_down"]) for m in reps]),
                 "mlp_plain": lambda: b2b(whole_plain()),
+                **{f"step3_kept_{c}": lambda c=c: b2b(step3_kept(c)) for c in ok},
             }
-            times = {k: [] for k in fixed}
-            times.update({f"step3_kept_{c}": [] for c in ok})
-            for _ in range(rounds):
-                for k, fn in fixed.items():
-                    times[k].append(fn())
-                fill()  # step2_kept timing appended to the lists: refill them for step 3
-                for c in ok:
-                    times[f"step3_kept_{c}"].append(b2b(step3_kept(c)))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            times, med = interleaved_us(timers, rounds)
             best = min(ok, key=lambda c: med[f"step3_kept_{c}"])
             default = sm.KeptDownConfig(pdl=True)
             counts.zero_()

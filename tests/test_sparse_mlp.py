@@ -305,12 +305,12 @@ from actsparse.kernels.sparse_mlp import (  # noqa: E402
 
 KEPT_CASES = [  # (dtype, batch, sparsity, use_mask, config)
     (torch.bfloat16, 1, 0.9, True, None),
-    (torch.bfloat16, 1, 0.5, False, KeptDownConfig(block_k=16, block_n=32, pair=True)),
+    (torch.bfloat16, 1, 0.5, False, KeptDownConfig(block_k=16, block_n=32)),
     (torch.float16, 3, 0.7, True, None),
     (torch.float16, 8, 0.9, False, KeptDownConfig(block_k=32, block_n=16, programs_per_sm=16)),
     (torch.bfloat16, 1, 0.7, False, KeptDownConfig(block_k=16, block_n=32, programs_per_sm=8, min_rows=10)),
     (torch.float16, 3, 0.3, True, KeptDownConfig(block_k=16, block_n=16, min_rows=1000)),  # one program along k
-    (torch.float32, 5, 0.0, False, KeptDownConfig(block_k=16, block_n=64, pair=True)),
+    (torch.float32, 5, 0.0, False, KeptDownConfig(block_k=16, block_n=64, programs_per_sm=2)),
     (torch.bfloat16, 2, 1.0, False, None),  # nothing kept: out unchanged
 ]
 N_DOWN = 45  # odd output width

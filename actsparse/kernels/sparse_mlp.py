@@ -528,7 +528,6 @@ if HAS_TRITON:
         B_PAD: tl.constexpr,
         USE_DOT: tl.constexpr,
         DOT_FP32: tl.constexpr,
-        PAIR: tl.constexpr,  # two tiles per step: both weight loads in flight before either is used
         STATIC_LOOP: tl.constexpr,  # the CPU interpreter: loop bounds must not be tensors
         F_STATIC: tl.constexpr,  # with STATIC_LOOP: F (an upper bound on the slots per program); else 0
         MIN_ROWS: tl.constexpr,  # fewest list slots per program (0: use every program)
@@ -568,25 +567,14 @@ if HAS_TRITON:
             acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # per-row partials, summed at the end
-        STEP: tl.constexpr = BLOCK_K * (2 if PAIR else 1)
         if STATIC_LOOP:
-            for t0 in range(0, F_STATIC, STEP):
+            for t0 in range(0, F_STATIC, BLOCK_K):
                 acc = _kept_tile(lo + t0, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n,
                                  n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
-                if PAIR:
-                    acc = _kept_tile(lo + t0 + BLOCK_K, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j,
-                                     offs_n, n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
         else:
-            for t in range(lo, hi, STEP):
-                if PAIR:
-                    acc2 = tl.zeros_like(acc)
-                    acc2 = _kept_tile(t + BLOCK_K, hi, acc2, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j,
-                                      offs_n, n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
-                    acc = _kept_tile(t, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n,
-                                     n_mask, offs_b, b_mask, USE_DOT, DOT_FP32) + acc2
-                else:
-                    acc = _kept_tile(t, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n,
-                                     n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
+            for t in range(lo, hi, BLOCK_K):
+                acc = _kept_tile(t, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n,
+                                 n_mask, offs_b, b_mask, USE_DOT, DOT_FP32)
         if USE_DOT:
             out = acc
         else:
@@ -604,14 +592,13 @@ if HAS_TRITON:
 @dataclass(frozen=True)
 class KeptDownConfig:
     """Step 3 on a kept list: BLOCK_K list slots x BLOCK_N outputs per tile, about
-    ``programs_per_sm`` programs per SM in all (of which a short list uses fewer, ``min_rows``);
-    ``pair``: two tiles in flight per step."""
+    ``programs_per_sm`` programs per SM in all (of which a short list uses fewer, ``min_rows``).
+    (Two tiles in flight per step were measured and dropped: slowest config, docs/RESULTS.md.)"""
 
     block_k: int = 64
     block_n: int = 128
     num_warps: int = 4
     programs_per_sm: int = 4
-    pair: bool = False
     pdl: bool = False
     # programs along k used: at most cdiv(list length, min_rows); 0 = all. 96: best geometric mean
     # over LLaMA-2-7B/13B down at 67%/89% among the H100 sweep's configs that reach 4x at 89%
@@ -630,7 +617,7 @@ class KeptDownConfig:
 
     def __str__(self) -> str:
         return (f"k-bk{self.block_k}-bn{self.block_n}-w{self.num_warps}-p{self.programs_per_sm}"
-                f"{'-pair' if self.pair else ''}{'-pdl' if self.pdl else ''}"
+                f"{'-pdl' if self.pdl else ''}"
                 f"{f'-min{self.min_rows}' if self.min_rows else ''}")
 
 
@@ -672,7 +659,7 @@ def _launch_sparse_down_kept(out, kept: KeptList, w_down_t, config: Optional[Kep
     kernel[(grid_n, splits)](
         kept.idx, kept.h, kept.count, w_down_t, out, batch, n, f,
         BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, B_PAD=16 if use_dot else 1, USE_DOT=use_dot,
-        DOT_FP32=w_down_t.dtype == torch.float32 or _interpreting(), PAIR=cfg.pair,
+        DOT_FP32=w_down_t.dtype == torch.float32 or _interpreting(),
         STATIC_LOOP=_interpreting(), F_STATIC=f if _interpreting() else 0, MIN_ROWS=cfg.min_rows, RESET=reset, USE_PDL=use_pdl, num_warps=cfg.num_warps, **extra,
     )
 

@@ -83,7 +83,8 @@ class FatThresholdResult:
     base_sparsity: float  # at T = 0
     base_perplexity: float
     trials: list[dict] = field(default_factory=list)  # every (target, T, sparsity, ppl) tried
-    layer_targets: dict[str, float] = field(default_factory=dict)  # per-layer sparsity aimed at (the last trial)
+    # non-uniform allocations: each layer's sparsity at the chosen T, on the sampled activations
+    layer_targets: dict[str, float] = field(default_factory=dict)
     sensitivity: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # "sensitivity": (level, loss increase)
 
     @property
@@ -156,18 +157,14 @@ def select_fat_threshold_(model: nn.Module, tokenizer, text: str,
     pooled = torch.cat(list(samples.values()))
     sensitivity = _layer_sensitivity(model, tokenizer, ids, samples, base, config) \
         if config.allocation == "sensitivity" else {}
-    layer_targets: dict[str, float] = {}
 
     def thresholds_for(target: float) -> dict[str, float]:
         if config.allocation == "equal":
-            layer_targets.update({n: target for n in names})
             return {n: _threshold(samples[n], target) for n in names}
         if config.allocation == "sensitivity":
             levels = greedy_levels(sensitivity, target)
-            layer_targets.update(levels)
             return {n: 0.0 if levels[n] <= sensitivity[n][0][0] else _threshold(samples[n], levels[n])
                     for n in names}  # a layer left at its start keeps T = 0
-        layer_targets.clear()
         t = _threshold(pooled, target)
         return {n: t for n in names}
 
@@ -205,9 +202,9 @@ def select_fat_threshold_(model: nn.Module, tokenizer, text: str,
             else:
                 hi = mid
     set_fat_thresholds_(model, best)
-    if config.allocation != "uniform":
-        layer_targets = {n: float((samples[n] <= best[n]).float().mean()) if best[n] > 0 else
-                         base.layer_sparsity.get(n, 0.0) for n in names}
+    layer_targets = {} if config.allocation == "uniform" else {
+        n: float((samples[n] <= best[n]).float().mean()) if best[n] > 0 else base.layer_sparsity.get(n, 0.0)
+        for n in names}
     return FatThresholdResult(thresholds=best, sparsity=r.sparsity, perplexity=r.perplexity,
                               base_sparsity=base.sparsity, base_perplexity=base.perplexity, trials=trials,
                               layer_targets=layer_targets, sensitivity=sensitivity)
