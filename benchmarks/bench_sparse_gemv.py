@@ -543,47 +543,6 @@ def run_sweep_tall() -> dict:
     return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
 
 
-def pipe_grid() -> list:
-    """Compacting configs whose kept tiles go through a cp.async pipeline (num_stages > 1), so a
-    program keeps several tiles in flight. Programs per SM stay within the occupancy of each
-    config's registers (compiled for sm_90: 64-116 registers per thread at 4 warps, 104-113 at 8)."""
-    shapes = [  # (block_k, block_n, stages, warps, programs per SM, tile_sum)
-        (32, 128, 2, 4, 4, False), (32, 128, 3, 4, 4, False), (32, 128, 4, 4, 4, False),
-        (32, 128, 2, 4, 6, False), (32, 128, 3, 4, 5, False), (16, 128, 4, 4, 6, False),
-        (64, 128, 2, 4, 4, False), (64, 128, 3, 8, 2, False), (64, 128, 3, 4, 4, True),
-        (64, 128, 4, 4, 4, True), (64, 128, 3, 4, 5, True),
-        (32, 256, 3, 8, 2, False), (32, 256, 4, 8, 2, False), (32, 256, 2, 4, 4, False),
-        (16, 256, 3, 4, 4, False), (64, 256, 3, 8, 2, True),
-    ]
-    return [C(bk, bn, st, w, p, compact=True, prefetch=bn <= 128, tile_sum=ts)
-            for bk, bn, st, w, p, ts in shapes]
-
-
-def run_sweep_pipe() -> dict:
-    """The pipelined grid against the default register loop, in the launch form each problem runs
-    in (as run_sweep_tall), each config checked against the fp64 reference in both forms first:
-    ProSparse step 3 (add + pdl) at 67/89%, and the Llama-3-8B engine shapes at s = 0, 0.5, 0.9."""
-    grid, dropped = _check_configs(pipe_grid(), "sweep-pipe", 1100, 333, 0.85, seed=303, plain=True)
-    problems = [("prosparse-7b.down", 11008, 4096, (0.67, 0.89), True, True),
-                ("prosparse-13b.down", 13824, 5120, (0.67, 0.89), True, True)]
-    problems += [(name, K, N, (0.0, 0.5, 0.9), name.endswith(("o", "down")), False) for name, (K, N) in SHAPES.items()
-                 if name.startswith("llama3-8b")]
-    rows = []
-    for name, K, N, sps, add, pdl in problems:
-        prob = Problem(K, N)
-        dense_us = min(prob.time_dense(1, seed=5))
-        for sp in sps:
-            configs = [dataclasses.replace(c, pdl=pdl) for c in grid]
-            default = dataclasses.replace(pick_config(K, N, 1), pdl=pdl)
-            if default not in configs:
-                configs.append(default)
-            form = ("add" if add else "plain") + ("+pdl" if pdl else "")
-            rows.append(_sweep_problem("sweep-pipe", prob, name, sp, configs, default, dense_us, add, K=K, N=N,
-                                       form=form))
-        prob.free()
-    return {"rows": rows, "dropped": dropped, "n_configs": len(grid)}
-
-
 def _save_everywhere(doc: dict, out: str) -> None:
     """The record at --out, and a copy under $OUT when that is set (the device tool's folder)."""
     save_json(doc, out)
@@ -602,8 +561,6 @@ def main(argv=None) -> int:
                     help="only a grid sweep of ProSparse step 3 in the add + pdl + prefetch form, after the gate")
     ap.add_argument("--sweep-tall", action="store_true",
                     help="only the tall-tile grid on ProSparse step 3 and the Llama-3-8B shapes, after the gate")
-    ap.add_argument("--sweep-pipe", action="store_true",
-                    help="only the pipelined (num_stages > 1) compacting grid, ProSparse step 3 and Llama-3-8B shapes")
     ap.add_argument("--variants", action="store_true",
                     help="only the launch-form comparison (plain / pdl / add / add+pdl) at B=1, after the gate")
     ap.add_argument("--save-choice", default=None,
@@ -637,7 +594,6 @@ def main(argv=None) -> int:
     only = [  # (flag, key in the JSON, run, summary rows): modes that time one thing and stop
         (args.sweep_down_add, "sweep_down_add", run_sweep_down_add, lambda d: sweep_rows(d["rows"])),
         (args.sweep_tall, "sweep_tall", run_sweep_tall, lambda d: sweep_rows(d["rows"])),
-        (args.sweep_pipe, "sweep_pipe", run_sweep_pipe, lambda d: sweep_rows(d["rows"])),
         (args.variants, "variants", lambda: run_variants(ceiling["tb_s"]),
          lambda d: [[r["shape"], r["s"], r["dense_us"]] + [r[f]["us"] for f in
                     ("plain", "pdl", "add", "add_pdl", "plain_pf", "add_pdl_pf", "add_pdl_pf1024")] for r in d]),

@@ -109,15 +109,11 @@ def test_matches_reference(K, N, B, s, dtype):
         GemvConfig(16, 64, programs_per_sm=1, compact=True, chunk=16, prefetch=True),
         GemvConfig(32, 64, compact=True, chunk=32, prefetch=True, pdl=True),
         GemvConfig(128, 64, programs_per_sm=2, compact=True, chunk=64, prefetch=True, tile_sum=True),
-        GemvConfig(16, 64, num_stages=3, programs_per_sm=8, compact=True, chunk=32, prefetch=True),
-        GemvConfig(32, 64, num_stages=2, compact=True, use_dot=True),
-        GemvConfig(64, 64, num_stages=4, programs_per_sm=1, compact=True, tile_sum=True),
     ],
     ids=["pipelined-many-splits", "register-2warps", "pipelined", "register-dot-b1", "pipelined-dot-b1",
          "register-single-split", "pipelined-single-split", "compact-many-splits", "compact-2warps",
          "compact-dot-b1", "compact-single-split", "compact-chunk16", "compact-chunk16-prefetch",
-         "compact-chunk32-prefetch-pdl", "compact-tile-sum", "compact-pipelined", "compact-pipelined-dot-b1",
-         "compact-pipelined-tile-sum"],
+         "compact-chunk32-prefetch-pdl", "compact-tile-sum"],
 )
 @pytest.mark.parametrize("B", [1, 4])
 def test_configs(config, B):
@@ -267,8 +263,6 @@ ADD_CASES = [  # (K, N, B, sparsity%, dtype, config): odd shapes, split-K and si
     (577, 301, 1, 60, torch.float32, GemvConfig(16, 64, programs_per_sm=1, compact=True, chunk=16, prefetch=True)),
     (1100, 333, 1, 85, torch.bfloat16, GemvConfig(128, 128, programs_per_sm=1, compact=True, tile_sum=True)),
     (577, 301, 1, 60, torch.float16, GemvConfig(64, 64, programs_per_sm=1, compact=True, chunk=64, tile_sum=True)),
-    (1100, 333, 3, 85, torch.bfloat16, GemvConfig(32, 128, num_stages=3, compact=True)),  # pipelined kept tiles
-    (577, 1001, 1, 50, torch.float16, GemvConfig(16, 256, num_stages=4, compact=True, prefetch=True)),
 ]
 
 

@@ -267,15 +267,18 @@ def _list_kept(active, rows, scratch, cnt):
 
 
 @triton.jit
-def _kept_tile_product(t, cnt, idx, acc, x_ptr, w_ptr, thr_ptr, N, stride_xb,
-                       offs_j, offs_n, n_mask, offs_b, b_mask,
-                       HAS_THRESHOLDS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                       BLOCK_K: tl.constexpr, TILE_SUM: tl.constexpr):
-    """acc += x[idx] * w_t[idx, tile]: kept rows t .. t + BLOCK_K (indices `idx`; fewer in the last
-    tile). B = 1: acc is [BLOCK_K, BLOCK_N] per-row partials, or [1, BLOCK_N] with TILE_SUM (each
-    tile summed over its rows at once: fewer registers, so taller tiles fit)."""
+def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
+                  offs_j, offs_n, n_mask, offs_b, b_mask,
+                  HAS_THRESHOLDS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                  BLOCK_K: tl.constexpr, TILE_SUM: tl.constexpr):
+    """One tile of the compacting kernel: kept rows scratch[t : t + BLOCK_K] (indices `idx`,
+    fetched one tile ahead). Returns the new accumulator and the next tile's indices.
+    B = 1: acc is [BLOCK_K, BLOCK_N] per-row partials, or [1, BLOCK_N] with TILE_SUM (each tile
+    summed over its rows at once: fewer registers, so taller tiles fit)."""
     j_mask = (t + offs_j) < cnt
-    w_tile = tl.load(  # [BLOCK_K, BLOCK_N]
+    p_offs = t + BLOCK_K + offs_j
+    idx_next = tl.load(scratch + p_offs, mask=p_offs < cnt, other=0)
+    w_tile = tl.load(  # [BLOCK_K, BLOCK_N]: BLOCK_K kept rows (fewer in the last tile)
         w_ptr + idx.to(tl.int64)[:, None] * N + offs_n[None, :],
         mask=j_mask[:, None] & n_mask[None, :],
         other=0.0,
@@ -298,21 +301,8 @@ def _kept_tile_product(t, cnt, idx, acc, x_ptr, w_ptr, thr_ptr, N, stride_xb,
             acc += tl.sum(x_j[:, None] * w_tile.to(tl.float32), axis=0)[None, :]
         else:
             acc += x_j[:, None] * w_tile.to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
-                  offs_j, offs_n, n_mask, offs_b, b_mask,
-                  HAS_THRESHOLDS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                  BLOCK_K: tl.constexpr, TILE_SUM: tl.constexpr):
-    """One tile of the register loop: the product of tile t (indices `idx`, fetched one tile
-    ahead), and the next tile's indices."""
-    p_offs = t + BLOCK_K + offs_j
-    idx_next = tl.load(scratch + p_offs, mask=p_offs < cnt, other=0)
-    acc = _kept_tile_product(t, cnt, idx, acc, x_ptr, w_ptr, thr_ptr, N, stride_xb, offs_j, offs_n, n_mask,
-                             offs_b, b_mask, HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K, TILE_SUM)
     return acc, idx_next
+
 
 
 @triton.jit
@@ -343,7 +333,6 @@ def _sparse_gemv_compact_kernel(
     TILE_SUM: tl.constexpr,  # B = 1: sum each tile over its rows at once (see _compact_tile)
     ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
-    PIPE_STAGES: tl.constexpr,  # 1: register loop; > 1: kept tiles through a cp.async pipeline
 ):
     """Compacting variant: each program first lists the kept rows of its K range (threshold test,
     prefix sum, indices stored to a scratch slice), then streams only those rows in full
@@ -412,17 +401,7 @@ def _sparse_gemv_compact_kernel(
         acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # per-row partials, summed at the end
-    if PIPE_STAGES > 1:
-        # Software pipeline: the compiler issues the index and weight loads of the next
-        # PIPE_STAGES - 1 tiles (cp.async into shared memory) before this tile's FMAs, so a
-        # program keeps several tiles in flight instead of one. The CPU interpreter runs every
-        # possible tile (see below).
-        for t in tl.range(0, ROWS if STATIC_LOOP else cnt, BLOCK_K, num_stages=PIPE_STAGES):
-            idx = tl.load(scratch + t + offs_j, mask=(t + offs_j) < cnt, other=0)
-            acc = _kept_tile_product(t, cnt, idx, acc, x_ptr, w_ptr, thr_ptr, N, stride_xb, offs_j, offs_n,
-                                     n_mask, offs_b, b_mask, HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K,
-                                     TILE_SUM)
-    elif STATIC_LOOP:
+    if STATIC_LOOP:
         # The CPU interpreter (NumPy >= 2.4) cannot take a tensor as a loop bound: it runs every
         # possible tile; tiles past cnt are fully masked, so the result is the same.
         for t in range(0, ROWS, BLOCK_K):
@@ -468,6 +447,8 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1 or self.programs_per_sm < 1:
             raise ValueError("GemvConfig.num_stages and programs_per_sm must be >= 1")
+        if self.compact and self.num_stages != 1:
+            raise ValueError("GemvConfig: the compacting variant has no cp.async pipeline (num_stages=1)")
 
     def __str__(self) -> str:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
@@ -754,7 +735,6 @@ def _launch(
             PREFETCH=config.prefetch,
             STATIC_LOOP=_interpreting(),
             TILE_SUM=config.tile_sum and not use_dot,
-            PIPE_STAGES=config.num_stages,
             **common,
         )
         return y
