@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from actsparse.relu import (
+    FatRamp,
     FatThresholdConfig,
     L1Schedule,
     ReluConfig,
@@ -109,6 +110,12 @@ def parse_args(argv=None):
     p.add_argument("--fat-tol", type=float, default=0.01, help="FATReLU: max relative ppl increase on holdout")
     p.add_argument("--fat-target", type=float, default=0.0,
                    help="also report each L1 run with the FATReLU threshold of this holdout sparsity; 0 = no")
+    p.add_argument("--fat-ramp", type=float, default=0.0,
+                   help="raise the FATReLU threshold during the e2e fine-tune to this sparsity (TrainConfig.fat_ramp)")
+    p.add_argument("--fat-ramp-span", default="0.2,0.7", help="fractions of the steps where the ramp starts and ends")
+    p.add_argument("--fat-ramp-every", type=int, default=10, help="steps between threshold updates of the ramp")
+    p.add_argument("--layerwise-cache", default="",
+                   help="load the layer-wise distilled model's weights from this file if it exists, else save them there")
     p.add_argument("--no-resume-check", action="store_true", help="skip the 6 vs 3+3 step resume check")
     p.add_argument("--holdout-fraction", type=float, default=0.05)
     args = p.parse_args(argv)
@@ -278,13 +285,17 @@ def main(argv=None) -> int:
     # ---- throughput probe and step budget --------------------------------------------------------
     peaks = [float(x) for x in args.peaks.split(",") if x.strip()]
 
-    def config(steps, l1_peak=None, distill=0.0, hidden=0.0):
+    def config(steps, l1_peak=None, distill=0.0, hidden=0.0, ramp=False):
         l1 = L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak], warmup_steps=steps // 5) \
             if l1_peak else None
+        fat_ramp = None
+        if ramp and args.fat_ramp:
+            start, end = (float(v) for v in args.fat_ramp_span.split(","))
+            fat_ramp = FatRamp(target=args.fat_ramp, start=start, end=end, every=args.fat_ramp_every)
         return TrainConfig(steps=steps, seq_len=args.context, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
                            weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, hidden_distill=hidden,
-                           seed=0, log_every=10)
+                           fat_ramp=fat_ramp, seed=0, log_every=10)
 
     def probe(distill, checkpoint_dir=None):
         m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
@@ -338,18 +349,30 @@ def main(argv=None) -> int:
         lw_cfg = LayerwiseConfig(steps=n, seq_len=args.context, batch_size=args.batch_size, lr=args.layerwise_lr,
                                  warmup_steps=min(max(1, n // 20), n - 1), l1=l1)
         start_model = relufy_(copy.deepcopy(original), ReluConfig())
-        h = distill_mlps_(start_model, original, tok, train_text, lw_cfg, progress=False, extra_windows=extra)
-        doc["layerwise"] = {"config": asdict(lw_cfg), "seconds": h.seconds, "tokens": h.tokens,
-                            "initial_layer_error": [round(e, 4) for e in h.initial_layer_error],
-                            "final_layer_error": [round(e, 4) for e in h.final_layer_error],
-                            "history": {"step": subsample(h.step), "rel_error": subsample(h.rel_error),
-                                        "sparsity": subsample(h.sparsity), "l1_factor": subsample(h.l1_factor)}}
-        log(f"layer-wise MLP distillation: {n} steps in {h.seconds:.0f}s, mean rel. error "
-            f"{sum(h.initial_layer_error) / len(h.initial_layer_error):.3f} -> {h.rel_error[-1]:.3f}")
+        lw_cache = Path(args.layerwise_cache) if args.layerwise_cache else None
+        if lw_cache is not None and lw_cache.exists():
+            cached = torch.load(lw_cache, map_location=device)
+            if cached["config"] != asdict(lw_cfg) or cached["data"] != doc["data"]:
+                raise SystemExit(f"{lw_cache} was written with another layer-wise config or other training data")
+            start_model.load_state_dict(cached["model"])
+            doc["layerwise"] = {**cached["record"], "loaded_from": str(lw_cache)}
+            log(f"layer-wise MLP distillation: loaded from {lw_cache}")
+        else:
+            h = distill_mlps_(start_model, original, tok, train_text, lw_cfg, progress=False, extra_windows=extra)
+            doc["layerwise"] = {"config": asdict(lw_cfg), "seconds": h.seconds, "tokens": h.tokens,
+                                "initial_layer_error": [round(e, 4) for e in h.initial_layer_error],
+                                "final_layer_error": [round(e, 4) for e in h.final_layer_error],
+                                "history": {"step": subsample(h.step), "rel_error": subsample(h.rel_error),
+                                            "sparsity": subsample(h.sparsity), "l1_factor": subsample(h.l1_factor)}}
+            log(f"layer-wise MLP distillation: {n} steps in {h.seconds:.0f}s, mean rel. error "
+                f"{sum(h.initial_layer_error) / len(h.initial_layer_error):.3f} -> {h.rel_error[-1]:.3f}")
+            if lw_cache is not None:
+                torch.save({"config": asdict(lw_cfg), "data": doc["data"], "record": doc["layerwise"],
+                            "model": start_model.state_dict()}, lw_cache)
         measure(start_model, "relufied_layerwise", steps=n)
 
     def run(name, silu=False, l1_peak=None, distill=0.0, fat=True, hidden=0.0):
-        cfg = config(steps, l1_peak, distill, hidden)
+        cfg = config(steps, l1_peak, distill, hidden, ramp=not silu)
         teacher = distill or hidden
         need = steps * batch_tokens / (tps_distill if teacher else tps) * 1.1 + (15 if fat else 5)
         if not fits(need):
@@ -372,7 +395,8 @@ def main(argv=None) -> int:
             "final_train_sparsity": statistics.mean(h.sparsity[-5:]),
             "history": {"step": subsample(h.step), "lm_loss": subsample(h.lm_loss), "l1": subsample(h.l1),
                         "l1_factor": subsample(h.l1_factor), "sparsity": subsample(h.sparsity),
-                        "kl": subsample(h.kl), "hidden": subsample(h.hidden)},
+                        "kl": subsample(h.kl), "hidden": subsample(h.hidden),
+                        "fat_level": subsample(h.fat_level), "fat_threshold": subsample(h.fat_threshold)},
         }
         measure(model, name, steps=steps)
         if silu or not fat:
@@ -383,7 +407,7 @@ def main(argv=None) -> int:
         measure(model, name + "+fat", steps=steps, fat_threshold=r.threshold, fat_trials=r.trials,
                 fat_holdout_base_ppl=r.base_perplexity)
         doc["stages"][name + "+fat"]["thresholds"] = fat_thresholds(model)
-        if args.fat_target and l1_peak:
+        if args.fat_target and (l1_peak or args.fat_ramp):
             for alloc in args.fat_allocations.split(","):
                 fat_cfg = FatThresholdConfig(max_ppl_increase=None, target_sparsity=args.fat_target,
                                              allocation=alloc, context=args.context, max_tokens=holdout_ids.numel())
@@ -415,6 +439,7 @@ def main(argv=None) -> int:
     ra, hd = args.relu_distill_alpha, args.hidden_distill
     tag = (f"_distill{ra:g}" if ra else "") + (f"_hidden{hd:g}" if hd else "") + ("_lw" if start_model else "")
     tag += "_sampled" if extra is not None else ""
+    tag += f"_ramp{args.fat_ramp:g}" if args.fat_ramp else ""
     if not args.skip_l1_off:
         run("relu_finetune_l1_off" + tag, distill=ra, hidden=hd)
     for peak in peaks:

@@ -17,6 +17,7 @@ from actsparse.errors import ActsparseError
 from actsparse.relu.fat import greedy_levels
 from actsparse.relu import (
     FATReLU,
+    FatRamp,
     FatThresholdConfig,
     L1Schedule,
     LayerwiseConfig,
@@ -260,6 +261,72 @@ def test_l1_raises_sparsity():
         assert all(math.isfinite(v) for v in history.loss)
         runs[peak] = evaluate_relu(model, tok, TEXT[:2000], context=32, max_tokens=512)
     assert runs[20.0].sparsity > runs[0.0].sparsity + 0.1
+
+
+def test_fat_ramp_schedule_and_validation():
+    ramp = FatRamp(target=0.9, start=0.2, end=0.6, every=5)
+    assert ramp.first_step(100) == 20
+    assert [s for s in range(100) if ramp.updates_at(s, 100)] == list(range(20, 100, 5))
+    levels = [ramp.level(s, 100, 0.6) for s in range(100)]
+    assert levels[0] == levels[20] == pytest.approx(0.6)  # before and at the start: where the model is
+    assert all(b >= a for a, b in zip(levels, levels[1:]))
+    assert levels[60] == levels[99] == pytest.approx(0.9)  # reached at `end`, then held
+    assert levels[30] - 0.6 > (0.9 - 0.6) * 0.25  # cubic: a quarter of the way takes more than a quarter
+    for bad in (dict(target=1.0), dict(target=0.0), dict(target=0.5, start=0.7, end=0.5),
+                dict(target=0.5, every=0), dict(target=0.5, samples=-1)):
+        with pytest.raises(ActsparseError):
+            FatRamp(**bad)
+    assert TrainConfig(steps=4, fat_ramp={"target": 0.8}).fat_ramp == FatRamp(target=0.8)
+    with pytest.raises(ActsparseError, match="relufied"):
+        train_relu(tiny_model("llama"), ByteTokenizer(), TEXT, small_train_config(fat_ramp=FatRamp(0.8)),
+                   progress=False)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_fat_ramp_reaches_its_target(per_layer):
+    """Training with a FatRamp ends with thresholds that give about the target sparsity, one T for
+    all layers unless per_layer; without the ramp the thresholds stay 0."""
+    tok = ByteTokenizer()
+    target = 0.9
+    model = relufy_(tiny_model("llama", seed=4), ReluConfig())
+    start = evaluate_relu(model, tok, TEXT[:3000], context=64, max_tokens=1024).sparsity
+    assert start < 0.7  # random init: about half the gate pre-activations are negative
+    config = small_train_config(steps=12, l1=None, checkpoint_every=0, lr=1e-3,
+                                fat_ramp=FatRamp(target=target, start=0.0, end=0.5, every=2, samples=4096,
+                                                 per_layer=per_layer))
+    history = train_relu(model, tok, TEXT, config, progress=False)
+    th = fat_thresholds(model)
+    assert all(t > 0 for t in th.values())
+    assert (len(set(th.values())) == 1) != per_layer
+    assert history.fat_level[0] == pytest.approx(history.fat_level[1], abs=0.05)  # starts where the model is
+    assert history.fat_level[-1] == pytest.approx(target)
+    assert len(history.fat_level) == len(history.fat_threshold) == 12
+    assert history.sparsity[-1] > 0.8  # the cut is in force during training
+    after = evaluate_relu(model, tok, TEXT[:3000], context=64, max_tokens=1024)
+    assert after.sparsity == pytest.approx(target, abs=0.04)
+    if per_layer:
+        assert all(v == pytest.approx(target, abs=0.08) for v in after.layer_sparsity.values())
+
+
+def test_fat_ramp_resume_equals_uninterrupted(tmp_path):
+    tok = ByteTokenizer()
+    config = small_train_config(steps=8, fat_ramp=FatRamp(target=0.85, start=0.25, end=0.75, every=1, samples=2048))
+    straight = relufy_(tiny_model("llama"), ReluConfig())
+    h_straight = train_relu(straight, tok, TEXT, config, checkpoint_dir=tmp_path / "a", progress=False)
+    first = relufy_(tiny_model("llama"), ReluConfig())
+    train_relu(first, tok, TEXT, config, checkpoint_dir=tmp_path / "b", stop_after=4, progress=False)
+    resumed = relufy_(tiny_model("llama", seed=9), ReluConfig())
+    h_resumed = train_relu(resumed, tok, TEXT, config, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    assert fat_thresholds(straight) == fat_thresholds(resumed)
+    assert max(fat_thresholds(straight).values()) > 0
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    no_nan = lambda xs: [None if math.isnan(x) else x for x in xs]  # noqa: E731 (nan: before the ramp)
+    assert no_nan(h_resumed.fat_level) == no_nan(h_straight.fat_level) and h_resumed.loss == h_straight.loss
+    assert math.isnan(h_straight.fat_level[1]) and not math.isnan(h_straight.fat_level[2])
+    with pytest.raises(ActsparseError, match="fat_ramp"):
+        train_relu(resumed, tok, TEXT, small_train_config(steps=8, fat_ramp=FatRamp(target=0.8)),
+                   checkpoint_dir=tmp_path / "b", resume=True, progress=False)
 
 
 # --- evaluation and FATReLU threshold selection -----------------------------------------------------

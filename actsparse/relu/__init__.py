@@ -30,7 +30,7 @@ from .modules import (
 )
 from .pipeline import RelufyResult, relufy_and_train, split_holdout
 from .synth import SampleConfig, sample_teacher_windows
-from .train import L1Schedule, TrainConfig, TrainHistory, train_relu
+from .train import FatRamp, L1Schedule, TrainConfig, TrainHistory, train_relu
 
 __all__ = [
     "ActivationTap", "EvalResult", "FATReLU", "FatThresholdConfig", "FatThresholdResult", "L1Schedule",
