@@ -150,7 +150,8 @@ def relufy(
     micro_batch: Optional[int] = typer.Option(None, help="sequences per forward (gradient accumulation)"),
     seq_len: int = typer.Option(1024),
     lr: float = typer.Option(1e-4),
-    l1_peak: float = typer.Option(2.0, help="peak progressive-L1 factor of the fine-tune (0: off)"),
+    l1_peak: float = typer.Option(0.0, help="peak progressive-L1 factor of the fine-tune (0: off; the FATReLU "
+                                  "ramp makes the sparsity)"),
     distill: float = typer.Option(1.0, help="weight of KL distillation from the original model (0: off)"),
     hidden_distill: float = typer.Option(1.0, help="weight of per-layer hidden-state distillation (0: off)"),
     layerwise_steps: int = typer.Option(1200, help="first fit each ReLU MLP to the original MLP (0: skip)"),
@@ -158,9 +159,13 @@ def relufy(
     layerwise_l1_peak: float = typer.Option(2.0, help="peak L1 factor of the layer-wise stage (0: off)"),
     sample_tokens: int = typer.Option(4194304, help="tokens to sample from the original model and train on "
                                       "with the text (0: none)"),
-    fat_tol: Optional[float] = typer.Option(0.01, help="FATReLU: largest T with held-out ppl within this fraction"),
-    fat_sparsity: Optional[float] = typer.Option(None, help="FATReLU: T for this held-out sparsity instead"),
-    fat_allocation: str = typer.Option("sensitivity", help="FATReLU: how the sparsity is shared between layers: "
+    fat_sparsity: float = typer.Option(0.85, help="FATReLU: final T for this held-out sparsity"),
+    fat_tol: Optional[float] = typer.Option(None, help="FATReLU: instead, the largest T with held-out ppl within "
+                                            "this fraction (no ramp unless --fat-ramp)"),
+    fat_ramp: Optional[float] = typer.Option(None, help="FATReLU thresholds raised during the fine-tune to this "
+                                             "sparsity of the training batches (default: --fat-sparsity + 0.02, as "
+                                             "the batches, mostly sampled text, are sparser than held-out text; 0: off)"),
+    fat_allocation: str = typer.Option("uniform", help="FATReLU: how the final sparsity is shared between layers: "
                                        "uniform (one T), equal (same sparsity per layer), sensitivity (measured "
                                        "per-layer cost, greedy)"),
     relu_after_norm: bool = typer.Option(False, help="also ReLU after the norms (sparse q/k/v, gate/up inputs)"),
@@ -169,10 +174,11 @@ def relufy(
     device: Optional[str] = typer.Option(None, help="cuda (default when available) or cpu"),
 ):
     """Relufy (ReLU/FATReLU): sample text from the original model, fit each ReLU MLP to the original
-    one (layer-wise), fine-tune with distillation and ProSparse's progressive L1, pick a FATReLU
-    threshold. Defaults: the best recipe measured on SmolLM2-135M (docs/RESULTS.md); on a CPU use
+    one (layer-wise), fine-tune with distillation while the FATReLU threshold rises to the target
+    (optionally with ProSparse's progressive L1), set the final threshold on held-out text. Defaults: the best recipe measured on SmolLM2-135M (docs/RESULTS.md); on a CPU use
     far smaller --steps/--layerwise-steps/--sample-tokens."""
     from .relu import (
+        FatRamp,
         FatThresholdConfig,
         L1Schedule,
         LayerwiseConfig,
@@ -193,11 +199,15 @@ def relufy(
     body = read_text(text)
     mdl, tok = load_model(model, dtype="float32", device=device)
     batch = batch_tokens // seq_len
+    if fat_ramp is None:
+        fat_ramp = 0.0 if fat_tol is not None else min(fat_sparsity + 0.02, 0.99)
+    ramp = FatRamp(target=fat_ramp, every=max(1, min(10, steps // 20))) if fat_ramp else None
     train = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch, micro_batch_size=micro_batch or batch,
                         lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01,
                         l1=L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak],
                                            warmup_steps=steps // 5) if l1_peak > 0 else None,
-                        distill_alpha=distill, hidden_distill=hidden_distill, checkpoint_every=checkpoint_every,
+                        distill_alpha=distill, hidden_distill=hidden_distill, fat_ramp=ramp,
+                        checkpoint_every=checkpoint_every,
                         bf16=device.startswith("cuda"))
     layerwise = None
     if layerwise_steps:
@@ -208,13 +218,11 @@ def relufy(
             if layerwise_l1_peak > 0 else None,
             bf16=device.startswith("cuda"))
     sample = SampleConfig(tokens=sample_tokens, seq_len=seq_len) if sample_tokens else None
-    if fat_sparsity is not None:
-        fat = FatThresholdConfig(max_ppl_increase=None, target_sparsity=fat_sparsity, context=seq_len,
-                                 allocation=fat_allocation)
-    elif fat_tol is not None:
+    if fat_tol is not None:
         fat = FatThresholdConfig(max_ppl_increase=fat_tol, context=seq_len, allocation=fat_allocation)
     else:
-        fat = None
+        fat = FatThresholdConfig(max_ppl_increase=None, target_sparsity=fat_sparsity, context=seq_len,
+                                 allocation=fat_allocation)
     res = relufy_and_train(mdl, tok, body, out, train=train, relu=ReluConfig(relu_after_norm=relu_after_norm),
                            fat=fat, resume=resume, layerwise=layerwise, sample=sample)
     h = res.history

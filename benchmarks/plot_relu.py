@@ -25,6 +25,9 @@ RUNS = [  # (file, label)
     ("benchmarks/results/relu_smollm2_h100_run9a.json", "run 9: run 7, L1 peaks 8 and 4, FATReLU allocations"),
     ("benchmarks/results/relu_smollm2_h100_run9b.json", "run 9: run 7, L1 peaks 2 and 1"),
     ("benchmarks/results/relu_smollm2_h100_run10.json", "run 10: run 8 with L1 peak 2"),
+    ("benchmarks/results/relu_smollm2_h100_run11a.json", "run 11: run 10 + FATReLU ramp to 85%"),
+    ("benchmarks/results/relu_smollm2_h100_run11b.json", "run 11: run 10 + FATReLU ramp to 87%"),
+    ("benchmarks/results/relu_smollm2_h100_run11c.json", "run 11: ramp to 87%, L1 off"),
 ]
 
 
@@ -37,9 +40,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/relu_smollm2.png")
     args = ap.parse_args(argv)
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.35, 1]})
+    colors = plt.get_cmap("tab20").colors
     controls, summary = [], {}
-    for path, label in RUNS:
+    for i, (path, label) in enumerate(RUNS):
         doc = json.load(open(path))
         pts = sorted((r["eval_sparsity"], r["eval_ppl"]) for n, r in doc["stages"].items() if n.startswith("relu_"))
         controls.append(doc["stages"]["silu_finetune_control"]["eval_ppl"])
@@ -49,23 +53,32 @@ def main(argv=None) -> None:
             if ppl < best:
                 frontier.append((sp, ppl))
                 best = ppl
-        line, = ax.plot([100 * s for s, _ in frontier[::-1]], [p for _, p in frontier[::-1]], "-", lw=1.5,
-                        label=label)
-        ax.plot([100 * s for s, _ in pts], [p for _, p in pts], "o", ms=4, color=line.get_color())
+        color = colors[(2 * i) % 20 + (2 * i) // 20]  # the saturated tab20 colors first
+        for a in (ax, zoom):
+            a.plot([100 * s for s, _ in frontier[::-1]], [p for _, p in frontier[::-1]], "-", lw=1.5, color=color,
+                   label=label if a is ax else None)
+            a.plot([100 * s for s, _ in pts], [p for _, p in pts], "o", ms=4, color=color)
         at85 = [p for s, p in pts if s >= 0.845]
         summary[label] = min(at85) if at85 else None
     orig = json.load(open(RUNS[0][0]))["stages"]["original_silu"]["eval_ppl"]
-    ax.axhline(orig, color="gray", lw=1, ls=":", label=f"original SiLU model ({orig:.1f})")
-    ax.axhspan(0, 1.1 * max(controls), color="green", alpha=0.08,
-               label=f"goal: <= 1.1 x control (controls {min(controls):.1f}-{max(controls):.1f})")
-    ax.axvline(85, color="green", lw=1, ls="--")
+    for a in (ax, zoom):
+        a.axhline(orig, color="gray", lw=1, ls=":", label=f"original SiLU model ({orig:.1f})" if a is ax else None)
+        a.axhspan(0, 1.1 * max(controls), color="green", alpha=0.08,
+                  label=f"goal: <= 1.1 x control (controls {min(controls):.1f}-{max(controls):.1f})"
+                  if a is ax else None)
+        a.axvline(85, color="green", lw=1, ls="--")
+        a.grid(True, which="both", alpha=0.3)
+    zoom.set_xlim(78, 87)
+    zoom.set_ylim(20, 45)
+    zoom.set_xlabel("MLP-intermediate sparsity on wiki_eval (%)")
+    zoom.set_ylabel("wiki_eval perplexity")
+    zoom.set_title("near the goal (linear scale)")
     ax.set_yscale("log")
     ax.set_ylim(15, 400)
     ax.set_xlabel("MLP-intermediate sparsity on wiki_eval (%)")
     ax.set_ylabel("wiki_eval perplexity (log)")
     ax.set_title("Relufied SmolLM2-135M: perplexity vs sparsity, by recipe (H100)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(json.dumps({"out": args.out, "best_ppl_at_85pct": summary}))

@@ -190,6 +190,9 @@ def test_cli_relufy_trains(capsys, tmp_path, model_dir, text_file):
     res = last_json(out_json)
     assert res["steps"] == 8 and res["fat_threshold"] > 0 and 0.5 < res["holdout_sparsity"] <= 1.0
     assert (out / "config.json").exists() and (out / "actsparse_relu.json").exists()
+    meta = json.loads((out / "actsparse_relu.json").read_text())["metadata"]
+    assert meta["train_config"]["fat_ramp"]["target"] == pytest.approx(0.92)  # default: --fat-sparsity + 0.02
+    assert meta["train_config"]["l1"] is None
     # the relufied folder is a model like any other, FATReLU thresholds included
     code, out_json, err = run_cli(capsys, "generate", "--model", out, "--prompt", "hello", "--device", "cpu",
                                   "--max-new-tokens", 4)
@@ -214,5 +217,6 @@ def test_cli_relufy_layerwise_and_hidden_distill(capsys, tmp_path, model_dir, te
     meta = json.loads((out / "actsparse_relu.json").read_text())["metadata"]
     assert meta["layerwise_config"]["steps"] == 4 and meta["train_config"]["hidden_distill"] == 0.5
     assert meta["sample_config"]["tokens"] == 256
+    assert meta["train_config"]["fat_ramp"] is None  # --fat-tol: no ramp unless asked for
     samples = torch.load(out / "checkpoints" / "samples.pt")
     assert samples.shape == (4, 64)  # 256 sampled tokens as 64-token windows
