@@ -162,9 +162,10 @@ def relufy(
     fat_sparsity: float = typer.Option(0.85, help="FATReLU: final T for this held-out sparsity"),
     fat_tol: Optional[float] = typer.Option(None, help="FATReLU: instead, the largest T with held-out ppl within "
                                             "this fraction (no ramp unless --fat-ramp)"),
-    fat_ramp: Optional[float] = typer.Option(None, help="FATReLU thresholds raised during the fine-tune to this "
-                                             "sparsity of the training batches (default: --fat-sparsity + 0.02, as "
-                                             "the batches, mostly sampled text, are sparser than held-out text; 0: off)"),
+    fat_ramp: Optional[float] = typer.Option(
+        None, help="FATReLU thresholds raised during the fine-tune to this sparsity of the training batches "
+                   "(default: --fat-sparsity + 0.02, as the batches, mostly sampled text, are sparser than "
+                   "held-out text; 0: off)"),
     fat_allocation: str = typer.Option("uniform", help="FATReLU: how the final sparsity is shared between layers: "
                                        "uniform (one T), equal (same sparsity per layer), sensitivity (measured "
                                        "per-layer cost, greedy)"),

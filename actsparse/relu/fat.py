@@ -98,7 +98,7 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     return float(values[min(int(q * values.numel()), values.numel() - 1)])
 
 
-def _threshold(values: torch.Tensor, level: float) -> float:
+def threshold_at_level(values: torch.Tensor, level: float) -> float:
     """T that zeroes a fraction `level` of the sampled activations (0 at or below the ReLU zeros)."""
     return max(_quantile(values, level), 0.0)
 
@@ -160,12 +160,12 @@ def select_fat_threshold_(model: nn.Module, tokenizer, text: str,
 
     def thresholds_for(target: float) -> dict[str, float]:
         if config.allocation == "equal":
-            return {n: _threshold(samples[n], target) for n in names}
+            return {n: threshold_at_level(samples[n], target) for n in names}
         if config.allocation == "sensitivity":
             levels = greedy_levels(sensitivity, target)
-            return {n: 0.0 if levels[n] <= sensitivity[n][0][0] else _threshold(samples[n], levels[n])
+            return {n: 0.0 if levels[n] <= sensitivity[n][0][0] else threshold_at_level(samples[n], levels[n])
                     for n in names}  # a layer left at its start keeps T = 0
-        t = _threshold(pooled, target)
+        t = threshold_at_level(pooled, target)
         return {n: t for n in names}
 
     trials = []
@@ -223,7 +223,7 @@ def _layer_sensitivity(model: nn.Module, tokenizer, ids: torch.Tensor, samples: 
         pairs = [(start, 0.0)]
         level = (math.floor(start / config.sensitivity_step) + 1) * config.sensitivity_step
         while level <= MAX_LAYER_SPARSITY + 1e-9:
-            set_fat_thresholds_(model, {name: _threshold(samples[name], level)})
+            set_fat_thresholds_(model, {name: threshold_at_level(samples[name], level)})
             r = evaluate_relu(model, tokenizer, "", context=config.context, max_tokens=sub.numel(), ids=sub)
             pairs.append((round(level, 6), r.nll - loss0))
             level += config.sensitivity_step

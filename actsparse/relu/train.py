@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ActsparseError
-from .fat import _threshold
+from .fat import threshold_at_level
 from .measure import ActivationTap, tokenize
 from .modules import FATReLU, activation_modules, fat_thresholds, set_fat_thresholds_
 
@@ -499,7 +499,8 @@ class _Ramp:
     micro-batch of an update step, then sets the thresholds after the optimizer step."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device, history: TrainHistory):
-        self.model, self.ramp, self.steps, self.seed, self.device = model, config.fat_ramp, config.steps, config.seed, device
+        self.model, self.ramp, self.device = model, config.fat_ramp, device
+        self.steps, self.seed = config.steps, config.seed
         self.acts = activation_modules(model)
         if not all(isinstance(m, FATReLU) for m in self.acts.values()):
             raise ActsparseError("fat_ramp needs a relufied model (FATReLU activations): call relufy_ first")
@@ -538,8 +539,8 @@ class _Ramp:
                                                      for n, v in self.samples.items()]).mean())
             self.level = self.ramp.level(step, self.steps, self.from_level)
             if self.ramp.per_layer:
-                set_fat_thresholds_(self.model, {n: _threshold(v, self.level) for n, v in self.samples.items()})
+                set_fat_thresholds_(self.model, {n: threshold_at_level(v, self.level) for n, v in self.samples.items()})
             else:
-                set_fat_thresholds_(self.model, _threshold(torch.cat(list(self.samples.values())), self.level))
+                set_fat_thresholds_(self.model, threshold_at_level(torch.cat(list(self.samples.values())), self.level))
             self.samples.clear()
         self.history.fat_level.append(self.level)
