@@ -176,8 +176,9 @@ def relufy(
 ):
     """Relufy (ReLU/FATReLU): sample text from the original model, fit each ReLU MLP to the original
     one (layer-wise), fine-tune with distillation while the FATReLU threshold rises to the target
-    (optionally with ProSparse's progressive L1), set the final threshold on held-out text. Defaults: the best recipe measured on SmolLM2-135M (docs/RESULTS.md); on a CPU use
-    far smaller --steps/--layerwise-steps/--sample-tokens."""
+    (optionally with ProSparse's progressive L1), set the final threshold on held-out text.
+    Defaults: the best recipe measured on SmolLM2-135M (docs/RESULTS.md); on a CPU use far smaller
+    --steps/--layerwise-steps/--sample-tokens."""
     from .relu import (
         FatRamp,
         FatThresholdConfig,

@@ -505,6 +505,7 @@ class _Ramp:
         if not all(isinstance(m, FATReLU) for m in self.acts.values()):
             raise ActsparseError("fat_ramp needs a relufied model (FATReLU activations): call relufy_ first")
         self.history = history
+        self.thresholds = fat_thresholds(model)  # kept here, so a step reads no threshold back from the device
         started = [v for v in history.fat_level if math.isfinite(v)]  # a resumed run keeps its start
         self.from_level = started[0] if started else None
         self.level = history.fat_level[-1] if history.fat_level else float("nan")
@@ -531,16 +532,17 @@ class _Ramp:
         self.handles.clear()
 
     def end_step(self, step: int) -> None:
-        self.history.fat_threshold.append(max(fat_thresholds(self.model).values()))
+        self.history.fat_threshold.append(max(self.thresholds.values()))
         if self.samples:
             if self.from_level is None:  # the sparsity the model has when the ramp starts
-                th = fat_thresholds(self.model)
-                self.from_level = float(torch.stack([(v <= th[n]).float().mean()
+                self.from_level = float(torch.stack([(v <= self.thresholds[n]).float().mean()
                                                      for n, v in self.samples.items()]).mean())
             self.level = self.ramp.level(step, self.steps, self.from_level)
             if self.ramp.per_layer:
-                set_fat_thresholds_(self.model, {n: threshold_at_level(v, self.level) for n, v in self.samples.items()})
+                self.thresholds = {n: threshold_at_level(v, self.level) for n, v in self.samples.items()}
             else:
-                set_fat_thresholds_(self.model, threshold_at_level(torch.cat(list(self.samples.values())), self.level))
+                t = threshold_at_level(torch.cat(list(self.samples.values())), self.level)
+                self.thresholds = {n: t for n in self.samples}
+            set_fat_thresholds_(self.model, self.thresholds)
             self.samples.clear()
         self.history.fat_level.append(self.level)
