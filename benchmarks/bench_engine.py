@@ -312,6 +312,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compare-fused-residual", action="store_true",
                    help="also time sparse B=1 at every sparsity with the other Transformer.set_fused_residual_ "
                         "setting than the default ('auto': on where an o/down projection is sparse)")
+    p.add_argument("--compare-fused-prologue", action="store_true",
+                   help="also time sparse B=1 at every sparsity with the other Transformer.set_fused_prologue_ "
+                        "setting (norms and act(gate) * up inside the sparse kernels, or as separate kernels)")
     p.add_argument("--pdl", action="store_true",
                    help="also time sparse B=1 at the batch sparsity and the highest one with sparse_gemv "
                         "launched with programmatic dependent launch")
@@ -487,12 +490,18 @@ def main(argv=None) -> dict:
                 except Exception:
                     record_error("sparse profile")
                 sparse_by_batch[b] = sparse_by_s[args.batch_sparsity]["tok_s"]
-                if args.compare_fused_residual:  # every sparsity again with the other residual setting
+                # every sparsity again with the other setting of a block option, same thresholds
+                # (option, its setter, whether it is on): switched to the other state than the default
+                variants = []
+                if args.compare_fused_residual:
+                    variants.append(("fused_residual", model.set_fused_residual_, model.layers[0].uses_fused_residual))
+                if args.compare_fused_prologue:
+                    variants.append(("fused_prologue", model.set_fused_prologue_, model.layers[0].uses_fused_prologue))
+                for option, setter, is_on in variants:
                     gen = None
                     gc.collect()
-                    other = not model.layers[0].uses_fused_residual()  # the default at s = batch sparsity
-                    model.set_fused_residual_(other)
-                    name = "fused_residual" if other else "unfused_residual"
+                    setter(not is_on())
+                    name = option if is_on() else "un" + option
                     try:
                         gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
@@ -508,7 +517,7 @@ def main(argv=None) -> dict:
                     except Exception:
                         record_error(f"sparse with {name}")
                     finally:
-                        model.set_fused_residual_("auto")
+                        setter("auto")
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
                 if args.pdl:  # same thresholds, sparse_gemv launched with programmatic dependent launch
                     gen = None

@@ -508,6 +508,49 @@ def test_fused_residual_keeps_logits(tmp_path):
         engine.set_fused_residual_("sometimes")
 
 
+@pytest.mark.interpreter
+def test_fused_prologue_keeps_logits(tmp_path, monkeypatch):
+    """set_fused_prologue_: the qkv and gate/up kernels take the fp32 residual and apply the
+    RMSNorm themselves, and the down kernel takes [gate | up] and computes silu(gate) * up. In
+    fp32 the logits equal the unfused block's; the kernels really get the raw inputs with their
+    prologue arguments; recorded calls match the reference on the prologue's output."""
+    pytest.importorskip("triton")
+    from actsparse.kernels import sparse_gemv as sg
+
+    engine, ids = sparse_llama_engine(tmp_path)
+    engine.set_backend_("triton")
+    engine.set_fused_residual_(True)
+    engine.set_fused_prologue_(False)
+    assert not engine.layers[0].uses_fused_prologue()
+    ref, ref1 = engine_logits(engine, ids), engine_logits(engine, ids[:1])
+    key = engine.sparse_key()
+    engine.set_fused_prologue_("auto")  # on with the fused residual
+    assert engine.layers[0].uses_fused_prologue() and engine.sparse_key() != key
+    calls = []
+    for name in ("sparse_gemv", "sparse_gemv_add_"):
+        real = getattr(sg, name)
+        monkeypatch.setattr(sg, name, lambda *a, _real=real, _name=name, **kw: (
+            calls.append((_name, a[-3].shape[-1], sorted(kw))), _real(*a, **kw))[1])
+    assert rel_err(engine_logits(engine, ids), ref) < 1e-5
+    assert rel_err(engine_logits(engine, ids[:1]), ref1) < 1e-5
+    dim, F_ = engine.args.dim, engine.args.intermediate_size
+    per_layer = [("sparse_gemv", dim, ["eps", "norm_weight"]), ("sparse_gemv_add_", dim, []),
+                 ("sparse_gemv", dim, ["eps", "norm_weight"]), ("sparse_gemv_add_", 2 * F_, ["act"])]
+    n_layers = len(engine.layers)
+    assert calls == per_layer * n_layers * 3 * 2  # 3 decode steps, batch 2 then batch 1 (prompts: matmuls)
+    w2 = engine.layers[1].feed_forward.w2
+    w2.record_io = []
+    engine_logits(engine, ids)
+    recorded, w2.record_io = w2.record_io, None
+    assert [x.shape for x, _ in recorded][1:] == [(2, F_)] * 3  # the product's input: silu(gate) * up
+    for x, y in recorded:
+        assert rel_err(y, sg.sparse_gemv_reference(x, w2.weight_t, w2.thresholds)) < 1e-5
+    engine.set_fused_residual_(False)  # no fp32 stream, no fused prologue
+    assert not engine.layers[0].uses_fused_prologue()
+    with pytest.raises(ActsparseError):
+        engine.set_fused_prologue_("maybe")
+
+
 def test_prefill_accepts_a_non_contiguous_attention_output(monkeypatch):
     """Regression (H100, fp32 engine): the fused SDPA kernel can return a non-contiguous output, and
     a .view of it failed in prefill. Simulated here with an SDPA whose output has other strides."""

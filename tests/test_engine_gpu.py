@@ -192,3 +192,40 @@ def test_kept_list_native_compiled_and_graphed(B):
         torch.cuda.synchronize()
         assert kept.count.tolist() == [0, 0]
         assert rel_err(out, (i + 1) * exact) < 1e-4
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("pre", ["rmsnorm", "silu"])
+def test_input_prologues_native(pre, B):
+    """sparse_gemv's input prologues compiled for the GPU, bf16 (rounded to nearest there, as
+    PyTorch rounds): the fused RMSNorm / silu(gate) * up against the masked product of
+    apply_input_prologue, eager, inside torch.compile(fullgraph=True) and from a CUDA graph.
+    Thresholds sit at the column median of the prologue's output (about half the rows kept)."""
+    from actsparse.kernels.sparse_gemv import apply_input_prologue, sparse_gemv, sparse_gemv_add_
+
+    g = torch.Generator(device="cuda").manual_seed(B)
+    K, N = 4000, 3001  # odd sizes, several K splits
+    w_t = (torch.randn(K, N, device="cuda", generator=g) / K**0.5).bfloat16()
+    if pre == "rmsnorm":
+        x = torch.randn(B, K, device="cuda", generator=g) * 3
+        kw = dict(norm_weight=(0.5 + torch.rand(K, device="cuda", generator=g)).bfloat16(), eps=1e-5)
+    else:
+        x = (torch.randn(B, 2 * K, device="cuda", generator=g) * 2).bfloat16()
+        kw = dict(act="silu")
+    xin = apply_input_prologue(x, torch.bfloat16, **kw).float()
+    thr = xin.abs().median(dim=0).values.contiguous() if B > 1 else xin.abs()[0] * 0.0 + xin.abs().median()
+    exact = torch.where(xin.abs() > thr, xin, 0.0).double() @ w_t.double()
+    assert rel_err(sparse_gemv(x, w_t, thr, **kw), exact) < 5e-3
+    out = torch.zeros(B, N, device="cuda")
+    assert rel_err(sparse_gemv_add_(out, x, w_t, thr, **kw), exact) < 1e-4
+    compiled = torch.compile(lambda x: sparse_gemv(x, w_t, thr, **kw), fullgraph=True)
+    assert rel_err(compiled(x), exact) < 5e-3
+    out.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sparse_gemv_add_(out, x, w_t, thr, **kw)
+    out.zero_()
+    for i in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, 3 * exact) < 1e-4

@@ -310,3 +310,85 @@ def test_pdl_flag_is_inert_off_hopper():
     x, w_t, thresholds = make_case(300, 200, 1, 0.5, torch.bfloat16, seed=31)
     y = run_poisoned(x, w_t, thresholds, config=GemvConfig(64, 128, compact=True, pdl=True))
     assert rel_err(y, exact(x, w_t, thresholds)) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------ input prologues (RMSNorm, SiLU)
+def prologue_case(K, N, B, sparsity, dtype, pre, seed):
+    """(x, w_t, thresholds, kwargs): x is the RMSNorm's fp32 input or the [gate | up] output. Each
+    threshold sits halfway between two of its column's |inputs| (after the prologue) at least 5%
+    apart, so an ulp of difference in how the prologue rounds cannot flip a keep decision. A column drops all rows
+    with probability `sparsity`, else keeps a random number of them."""
+    gen = torch.Generator().manual_seed(seed)
+    w_t = (torch.randn(K, N, generator=gen) / math.sqrt(K)).to(dtype)
+    if pre == "rmsnorm":
+        x = torch.randn(B, K, generator=gen) * 3 + 0.5
+        kw = dict(norm_weight=(0.5 + torch.rand(K, generator=gen)).to(dtype), eps=1e-5)
+    else:
+        x = (torch.randn(B, 2 * K, generator=gen) * 2).to(dtype)
+        kw = dict(act="silu")
+    v = sg.apply_input_prologue(x, dtype, **kw).float().abs().sort(dim=0).values  # [B, K] ascending
+    v = torch.cat([torch.zeros(1, K), v, 1.5 * v[-1:] + 1e-3])  # [B + 2, K]
+    drop = torch.rand(K, generator=gen) < sparsity
+    j = torch.where(drop, torch.full((K,), B), torch.randint(0, B, (K,), generator=gen))
+    lo, hi = v.gather(0, j[None])[0], v.gather(0, j[None] + 1)[0]
+    j = torch.where(hi - lo < 0.05 * hi, torch.zeros_like(j), j)  # a gap of < 5%: keep the column
+    thresholds = 0.5 * (v.gather(0, j[None] + 0) + v.gather(0, j[None] + 1))[0]
+    return x, w_t, thresholds.float().contiguous(), kw
+
+
+PROLOGUE_CASES = [
+    (pre, K, N, B, s, dt)
+    for pre in ("rmsnorm", "silu")
+    for (K, N, B, s, dt) in [(193, 333, 1, 0.5, torch.bfloat16), (577, 301, 3, 0.5, torch.float16),
+                             (300, 200, 8, 0.3, torch.bfloat16), (577, 1001, 1, 0.9, torch.float32),
+                             (130, 70, 2, 0.0, torch.float32)]
+]
+
+
+@pytest.mark.parametrize("pre,K,N,B,s,dtype", PROLOGUE_CASES,
+                         ids=[f"{c[0]}-K{c[1]}-N{c[2]}-B{c[3]}-s{c[4]}-{DTYPE_NAME[c[5]]}" for c in PROLOGUE_CASES])
+def test_input_prologue_matches_reference(pre, K, N, B, s, dtype):
+    """sparse_gemv / sparse_gemv_add_ with the RMSNorm or SiLU-gate prologue computed in the kernel
+    = the masked product of apply_input_prologue(x): fp32 to 1e-5, fp16 to 2e-3; bf16 to 2.5e-2,
+    since the interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest), which
+    biases each rounded input toward zero (measured 0.9%; a wrong scale or gate/up order is > 10%)."""
+    x, w_t, thresholds, kw = prologue_case(K, N, B, s, dtype, pre, seed=hash((pre, K, N, B)) % 2**31)
+    xin = sg.apply_input_prologue(x, dtype, **kw)
+    ref = exact(xin, w_t, thresholds)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2.5e-2}[dtype]
+    out = torch.full((B, N), float("nan"), dtype=dtype)
+    y = sg._sparse_gemv_impl(x, w_t, thresholds, out=out, **kw)
+    assert y.dtype == dtype and rel_err(y, ref) < tol
+    assert rel_err(sparse_gemv_reference(x, w_t, thresholds, **kw), ref) < tol  # the reference itself
+    start = torch.randn(B, N)
+    acc = start.clone()
+    sparse_gemv_add_(acc, x, w_t, thresholds, **kw)
+    assert ((acc - start - ref).norm() / ref.norm()).item() < tol
+    # the custom op (keyword arguments) and a [K] input
+    y1 = sparse_gemv(x[0], w_t, thresholds, **kw)
+    assert y1.shape == (N,) and rel_err(y1, exact(xin[:1], w_t, thresholds)[0]) < tol
+    if s == 0.0:  # every threshold below every input: the dense product of the prologue's output
+        assert rel_err(sparse_gemv(x, w_t, None, **kw), xin.float() @ w_t.float()) < tol
+
+
+def test_input_prologue_batch_fallback_and_errors():
+    x, w_t, thresholds, kw = prologue_case(130, 70, 11, 0.5, torch.bfloat16, "rmsnorm", seed=41)  # B > 8
+    ref = exact(sg.apply_input_prologue(x, torch.bfloat16, **kw), w_t, thresholds)
+    assert rel_err(sparse_gemv(x, w_t, thresholds, **kw), ref) < 1e-2  # PyTorch ops: rounded to nearest
+    acc = torch.zeros(11, 70)
+    sparse_gemv_add_(acc, x, w_t, thresholds, **kw)
+    assert rel_err(acc, ref) < 1e-4
+    with pytest.raises(ValueError, match="2K"):
+        sparse_gemv(torch.randn(1, 130, dtype=torch.bfloat16), w_t, thresholds, act="silu")
+    with pytest.raises(ValueError, match="act"):
+        sparse_gemv(torch.randn(1, 260, dtype=torch.bfloat16), w_t, thresholds, act="gelu")
+    with pytest.raises(ValueError, match="one"):
+        sparse_gemv(torch.randn(1, 260, dtype=torch.bfloat16), w_t, thresholds, act="silu", **kw)
+    with pytest.raises(ValueError, match="norm_weight"):
+        sparse_gemv(x[:1], w_t, thresholds, norm_weight=kw["norm_weight"][:-1])
+    with pytest.raises(TypeError, match="norm_weight"):
+        sparse_gemv(x[:1], w_t, thresholds, norm_weight=kw["norm_weight"].float())
+    with pytest.raises(TypeError, match="must equal"):  # without a norm, x and w_t share a dtype
+        sparse_gemv(x[:1], w_t, thresholds)
+    with pytest.raises(ValueError, match="compacting"):
+        sg._sparse_gemv_impl(x[:1], w_t, thresholds, config=GemvConfig(32, 64), **kw)

@@ -285,7 +285,15 @@ class Linear(nn.Module):
             return
         self.layout_epoch = next(_LAYOUT_EPOCHS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, K] -> [B, T, N]
+    def forward(self, x: torch.Tensor, pre=None) -> torch.Tensor:  # x: [B, T, K] -> [B, T, N]
+        """``pre``: an input prologue applied to x first (see ``apply_prologue``): None, an
+        ``RMSNorm`` (x is its input) or "silu" (x = [gate | up]). A sparse Triton linear at
+        decode computes it inside its kernel (``fuses_prologue``); every other path applies it
+        in PyTorch ops, which a compiled block fuses with its neighbours."""
+        if pre is not None:
+            if self.fuses_prologue(x, pre):
+                return self._sparse_forward(x, pre)
+            x = apply_prologue(x, pre)
         if self.record is not None:
             self.record.append(x.detach())
         if not self.sparse or (self.keeps_all and self.record_io is None):
@@ -294,31 +302,39 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return self._sparse_forward(x)
 
-    def forward_add(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """``r + self(x)`` for an fp32 residual stream r [B, T, N]. A sparse Triton linear at decode
-        adds its product into r in place (``sparse_gemv_add_``: one kernel, no workspace, no
-        arrival counter, no separate add); every other path returns ``r + self(x).float()``."""
+    def forward_add(self, x: torch.Tensor, r: torch.Tensor, pre=None) -> torch.Tensor:
+        """``r + self(x, pre)`` for an fp32 residual stream r [B, T, N]. A sparse Triton linear at
+        decode adds its product into r in place (``sparse_gemv_add_``: one kernel, no workspace,
+        no arrival counter, no separate add); every other path returns ``r + self(x, pre).float()``."""
         if (self.sparse and self.backend == "triton" and self._gemv_rows(x) and self.bias is None
-                and r.dtype == torch.float32 and r.is_contiguous()):
-            return self._sparse_add(x, r)
-        return r + self(x).float()
+                and r.dtype == torch.float32 and r.is_contiguous()
+                and (pre is None or self.fuses_prologue(x, pre))):
+            return self._sparse_add(x, r, pre)
+        return r + self(x, pre).float()
+
+    def fuses_prologue(self, x: torch.Tensor, pre) -> bool:
+        """True where the kernel computes the input prologue ``pre`` itself: a sparse Triton
+        GEMV call (decode) with an RMSNorm or SiLU prologue, no bias, not recording inputs."""
+        return (self.sparse and self.backend == "triton" and self.bias is None and self.record is None
+                and (isinstance(pre, RMSNorm) or pre == "silu") and self._gemv_rows(x))
 
     def _gemv_rows(self, x: torch.Tensor) -> bool:
         """Sparse mode: x [..., K] goes to a sparse GEMV (kernel or its reference), not to a dense
         product (all thresholds <= 0, or a prompt under prefill_dense) or a masked matmul (> 8 rows)."""
         prompt = self.prefill_dense and x.dim() == 3 and x.shape[1] > 1
-        return not (prompt or self.keeps_all) and x.numel() // self.in_features <= MAX_GEMV_ROWS
+        return not (prompt or self.keeps_all) and x.numel() // x.shape[-1] <= MAX_GEMV_ROWS
 
     @torch.compiler.disable
-    def _sparse_add(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def _sparse_add(self, x: torch.Tensor, r: torch.Tensor, pre=None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K], or the prologue's input
         if self.record is not None:
             self.record.append(x.detach())
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
         r2 = r.view(-1, self.out_features)  # [M, N] fp32, updated in place
+        xin = apply_prologue(x2, pre) if self.record_io is not None else None  # the product's input
         before = r2.clone() if self.record_io is not None else None
-        _sparse_gemv_add()(r2, x2, self.weight_t, self.thresholds)
+        _sparse_gemv_add()(r2, x2, self.weight_t, self.thresholds, **_prologue_args(pre))
         if before is not None:
-            self.record_io.append((x2.detach().clone(), (r2 - before).to(x.dtype)))
+            self.record_io.append((xin.detach().clone(), (r2 - before).to(self.weight_t.dtype)))
         return r
 
     def _dense_product(self, x2: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N], no bias
@@ -328,7 +344,13 @@ class Linear(nn.Module):
     # kernel on its persistent, self-zeroing workspace, while a traced call would allocate and
     # memset a fresh workspace every time. Inside a CUDA graph the graph break costs nothing.
     @torch.compiler.disable
-    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparse_forward(self, x: torch.Tensor, pre=None) -> torch.Tensor:
+        if pre is not None:  # fuses_prologue: the kernel computes the prologue from x
+            x2 = x.reshape(-1, x.shape[-1])
+            y = _sparse_gemv()(x2, self.weight_t, self.thresholds, **_prologue_args(pre))
+            if self.record_io is not None:
+                self.record_io.append((apply_prologue(x2, pre).detach().clone(), y.detach().clone()))
+            return y.view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if (self.prefill_dense and x.dim() == 3 and x.shape[1] > 1) or self.keeps_all:
             y = self._dense_product(x2)
@@ -342,6 +364,26 @@ class Linear(nn.Module):
         if self.record_io is not None:
             self.record_io.append((x2.detach().clone(), y.detach().clone()))
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def apply_prologue(x: torch.Tensor, pre) -> torch.Tensor:
+    """The input prologue of a linear in PyTorch ops: None (x), an RMSNorm (norm(x)) or an
+    activation name (x = [gate | up] -> act(gate) * up)."""
+    if pre is None:
+        return x
+    if isinstance(pre, RMSNorm):
+        return pre(x)
+    gate, up = x.chunk(2, dim=-1)
+    return _ACTIVATIONS[pre](gate) * up
+
+
+def _prologue_args(pre) -> dict:
+    """sparse_gemv's keyword arguments for a fusable prologue (Linear.fuses_prologue)."""
+    if pre is None:
+        return {}
+    if isinstance(pre, RMSNorm):
+        return dict(norm_weight=pre.weight, eps=pre.eps)
+    return dict(act=pre)
 
 
 def _sparse_gemv():
@@ -428,9 +470,10 @@ class Attention(nn.Module):
         # "reductions", or "auto" (auto_decode_attention: fused on CUDA for short caches)
         self.decode_attention = "auto"
 
-    def forward(self, x, cos, sin, mask, input_pos, residual=None):
+    def forward(self, x, cos, sin, mask, input_pos, residual=None, norm=None):
         # x: [B, T, dim]; cos, sin: [T, D]; mask: [T, S] bool (True = attend); input_pos: [T]
         # residual: fp32 [B, T, dim] to add the output into (fused residual), or None
+        # norm: the RMSNorm to apply to x first, inside the qkv kernel where it can (fused prologue)
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         mode = self.decode_attention
@@ -440,17 +483,17 @@ class Attention(nn.Module):
             from ..kernels.decode_attention import decode_attention  # noqa: PLC0415 (Triton is optional on CPU)
 
             cache = self.kv_cache
-            y = decode_attention(self.wqkv(x).view(B, -1), cos, sin, mask, input_pos, cache.k_cache, cache.v_cache,
-                                 H, Hkv, D, counts=cache.counts).view(B, 1, H * D)
+            y = decode_attention(self.wqkv(x, norm).view(B, -1), cos, sin, mask, input_pos, cache.k_cache,
+                                 cache.v_cache, H, Hkv, D, counts=cache.counts).view(B, 1, H * D)
         else:
-            y = self._attend(x, cos, sin, mask, input_pos, mode)
+            y = self._attend(x, cos, sin, mask, input_pos, mode, norm)
         return self.wo(y) if residual is None else self.wo.forward_add(y, residual)
 
-    def _attend(self, x, cos, sin, mask, input_pos, mode):
+    def _attend(self, x, cos, sin, mask, input_pos, mode, norm=None):
         """RoPE, cache update and attention in PyTorch ops: -> [B, T, H * D]."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.wqkv(x, norm).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
         k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
         v = v.view(B, T, Hkv, D).transpose(1, 2)
@@ -535,12 +578,17 @@ class FeedForward(nn.Module):
         if self.gate_thresholds is not None:
             self.gate_thresholds.fill_(self.act_threshold)
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, norm=None):
         # residual: fp32 [B, T, dim] to add the output into (fused residual), or None
-        down = self.w2 if residual is None else (lambda h: self.w2.forward_add(h, residual))
+        # norm: the RMSNorm to apply to x first (a block with fused prologues passes it): the
+        # gate/up kernel applies it, and the down kernel computes act(gate) * up itself
+        down = self.w2 if residual is None else (lambda h, pre=None: self.w2.forward_add(h, residual, pre))
         if self.gate_up_backend is not None and x.shape[0] * x.shape[1] <= MAX_GEMV_ROWS:
-            return down(self._sparse_gate_up(x))
-        gate, up = self.w13(x).chunk(2, dim=-1)
+            return down(self._sparse_gate_up(apply_prologue(x, norm)))
+        gu = self.w13(x, norm)
+        if norm is not None and self.act_threshold == 0 and self.w2.fuses_prologue(gu, self.hidden_act):
+            return down(gu, "silu")  # fuses_prologue: the activation is SiLU
+        gate, up = gu.chunk(2, dim=-1)
         if self.act_threshold > 0:
             act = torch.where(gate > self.act_threshold, gate, torch.zeros_like(gate))
         else:
@@ -587,6 +635,9 @@ class Block(nn.Module):
         # fp32 residual stream with o/down products added in place: True, False, or "auto" (on
         # when the o projection runs the Triton kernel; see Transformer.set_fused_residual_)
         self.fused_residual: bool | str = "auto"
+        # norms and act(gate) * up computed inside the sparse kernels: True, False, or "auto" (with
+        # the fused residual; see Transformer.set_fused_prologue_)
+        self.fused_prologue: bool | str = "auto"
 
     def uses_fused_residual(self) -> bool:
         if self.fused_residual != "auto":
@@ -594,9 +645,17 @@ class Block(nn.Module):
         wo = self.attention.wo
         return wo.sparse and wo.backend == "triton" and not wo.keeps_all
 
+    def uses_fused_prologue(self) -> bool:
+        if self.fused_prologue != "auto":
+            return bool(self.fused_prologue) and self.uses_fused_residual()
+        return self.uses_fused_residual()
+
     def forward(self, x, cos, sin, mask, input_pos):
         if self.uses_fused_residual():  # x: the model dtype (first block) or fp32 (a block's output)
             r = x.float()
+            if self.uses_fused_prologue():  # the norms run inside the qkv and gate/up kernels
+                r = self.attention(r, cos, sin, mask, input_pos, residual=r, norm=self.attention_norm)
+                return self.feed_forward(r, residual=r, norm=self.ffn_norm)
             r = self.attention(self.attention_norm(r), cos, sin, mask, input_pos, residual=r)
             return self.feed_forward(self.ffn_norm(r), residual=r)
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
@@ -678,6 +737,7 @@ class Transformer(nn.Module):
         return (lin.backend, lin.prefill_dense, self.layers[0].attention.decode_attention,
                 self.layers[0].feed_forward.act_boundary, self.layers[0].feed_forward.gate_up_backend,
                 self.layers[0].fused_residual, self.layers[0].uses_fused_residual(),
+                self.layers[0].fused_prologue, self.layers[0].uses_fused_prologue(),
                 tuple((l.keeps_all, l.layout_epoch) for _, l, _ in self.block_linears()))
 
     @property
@@ -722,6 +782,20 @@ class Transformer(nn.Module):
             raise ActsparseError(f"fused residual must be True, False or 'auto', got {on!r}")
         for layer in self.layers:
             layer.fused_residual = on
+        return self
+
+    def set_fused_prologue_(self, on: bool | str = True) -> "Transformer":
+        """Let the sparse kernels compute what precedes them (with the fused residual only): the
+        qkv and gate/up GEMVs take the fp32 residual and apply the RMSNorm themselves, and the down
+        GEMV takes the gate/up output and computes silu(gate) * up (``sparse_gemv``'s input
+        prologues). The norm and activation kernels, two or three per block, disappear from the
+        decode step. The same function as the unfused block, up to rounding. Linears that cannot
+        fuse (dense, the reference backend, prompts) apply the prologue in PyTorch ops.
+        "auto" (the default): on wherever the fused residual is on."""
+        if on not in (True, False, "auto"):
+            raise ActsparseError(f"fused prologue must be True, False or 'auto', got {on!r}")
+        for layer in self.layers:
+            layer.fused_prologue = on
         return self
 
     def set_act_boundary_(self, on: bool = True) -> "Transformer":

@@ -266,11 +266,48 @@ def _list_kept(active, rows, scratch, cnt):
     return cnt + tl.sum(active, axis=0)
 
 
+PRE_NONE, PRE_RMSNORM, PRE_SILU_MUL = 0, 1, 2  # input prologues of the compacting kernel
+_PRE_CODES = {None: PRE_NONE, "rmsnorm": PRE_RMSNORM, "silu": PRE_SILU_MUL}
+
+
+@triton.jit
+def _rms_scale(x_ptr, stride_xb, K, eps, offs_b, b_mask, B_PAD: tl.constexpr, R_BLOCK: tl.constexpr,
+               R_STEPS: tl.constexpr):
+    """RMSNorm prologue: rsqrt(mean(x[b]^2) + eps) for every batch row, [B_PAD] fp32.
+    R_STEPS * R_BLOCK >= K (a constexpr bound: the CPU interpreter takes no tensor bounds)."""
+    offs_r = tl.arange(0, R_BLOCK)
+    ss = tl.zeros([B_PAD], dtype=tl.float32)
+    for k0 in range(0, R_STEPS * R_BLOCK, R_BLOCK):
+        v = tl.load(x_ptr + offs_b[:, None] * stride_xb + k0 + offs_r[None, :],
+                    mask=b_mask[:, None] & ((k0 + offs_r) < K)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(v * v, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _x_vals(x_ptr, row_off, cols, mask, rs, nw_ptr, K, PRE: tl.constexpr, XT: tl.constexpr):
+    """The GEMV input at x_ptr + row_off + cols, after the input prologue, in the weights' dtype XT
+    (rounded as the eager PyTorch ops round it):
+    PRE_NONE: x itself. PRE_RMSNORM: nw * (x * rs).to(XT) (x: the norm's input, any float dtype;
+    rs: the row's rsqrt scale). PRE_SILU_MUL: silu(gate) * up with gate = x[k], up = x[K + k]."""
+    if PRE == 1:
+        r = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        return (nw * (r * rs).to(XT).to(tl.float32)).to(XT)
+    elif PRE == 2:
+        g = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row_off + K + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(XT).to(tl.float32)
+        return (act * u).to(XT)
+    else:
+        return tl.load(x_ptr + row_off + cols, mask=mask, other=0.0)
+
+
 @triton.jit
 def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
-                  offs_j, offs_n, n_mask, offs_b, b_mask,
+                  offs_j, offs_n, n_mask, offs_b, b_mask, rs, nw_ptr, K,
                   HAS_THRESHOLDS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                  BLOCK_K: tl.constexpr, TILE_SUM: tl.constexpr):
+                  BLOCK_K: tl.constexpr, TILE_SUM: tl.constexpr, PRE: tl.constexpr):
     """One tile of the compacting kernel: kept rows scratch[t : t + BLOCK_K] (indices `idx`,
     fetched one tile ahead). Returns the new accumulator and the next tile's indices.
     B = 1: acc is [BLOCK_K, BLOCK_N] per-row partials, or [1, BLOCK_N] with TILE_SUM (each tile
@@ -284,11 +321,9 @@ def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb
         other=0.0,
     )
     if USE_DOT:
-        x_tile = tl.load(  # [B_PAD, BLOCK_K]
-            x_ptr + offs_b[:, None] * stride_xb + idx[None, :],
-            mask=b_mask[:, None] & j_mask[None, :],
-            other=0.0,
-        )
+        x_tile = _x_vals(x_ptr, offs_b[:, None] * stride_xb, idx[None, :],  # [B_PAD, BLOCK_K]
+                         b_mask[:, None] & j_mask[None, :], rs[:, None], nw_ptr, K, PRE,
+                         w_ptr.dtype.element_ty)
         if HAS_THRESHOLDS:
             thr_j = tl.load(thr_ptr + idx, mask=j_mask, other=0.0)
         else:
@@ -296,7 +331,8 @@ def _compact_tile(t, cnt, idx, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb
         keep = (tl.abs(x_tile.to(tl.float32)) > thr_j[None, :]) & b_mask[:, None] & j_mask[None, :]
         acc = _dot_kept(x_tile, keep, w_tile, acc, DOT_FP32)
     else:
-        x_j = tl.load(x_ptr + idx, mask=j_mask, other=0.0).to(tl.float32)  # every listed row is kept
+        # every listed row is kept
+        x_j = _x_vals(x_ptr, 0, idx, j_mask, rs, nw_ptr, K, PRE, w_ptr.dtype.element_ty).to(tl.float32)
         if TILE_SUM:
             acc += tl.sum(x_j[:, None] * w_tile.to(tl.float32), axis=0)[None, :]
         else:
@@ -333,6 +369,11 @@ def _sparse_gemv_compact_kernel(
     TILE_SUM: tl.constexpr,  # B = 1: sum each tile over its rows at once (see _compact_tile)
     ACCUMULATE: tl.constexpr,  # y (fp32) += the product (sparse_gemv_add_)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (see _pdl_prologue)
+    nw_ptr=None,  # PRE_RMSNORM: the norm weight [K] (w's dtype)
+    eps=0.0,  # PRE_RMSNORM: the norm's epsilon
+    PRE: tl.constexpr = 0,  # input prologue: PRE_NONE, PRE_RMSNORM or PRE_SILU_MUL (see _x_vals)
+    R_BLOCK: tl.constexpr = 16,  # PRE_RMSNORM: elements per row per step of the sum of squares
+    R_STEPS: tl.constexpr = 1,  # PRE_RMSNORM: steps of the sum of squares (R_STEPS * R_BLOCK >= K)
 ):
     """Compacting variant: each program first lists the kept rows of its K range (threshold test,
     prefix sum, indices stored to a scratch slice), then streams only those rows in full
@@ -348,6 +389,17 @@ def _sparse_gemv_compact_kernel(
     # The scratch slice belongs to this K range; the programs of other column tiles with the same
     # pid_k write the same indices to it (same inputs, same order), so their writes agree.
     scratch = idx_ptr + k_lo
+    XT = w_ptr.dtype.element_ty
+    if PRE == 1:  # every program takes the norm of its rows itself (an L2 read of x)
+        rs = _rms_scale(x_ptr, stride_xb, K, eps, offs_b, b_mask, B_PAD, R_BLOCK, R_STEPS)  # [B_PAD]
+    else:
+        rs = tl.zeros([B_PAD], dtype=tl.float32)
+    if USE_DOT:
+        rs_t = rs  # [B_PAD]: one scale per batch row
+        rs0 = 0.0
+    else:
+        rs0 = tl.sum(rs, axis=0)  # B = 1 (FMA path): the one row's scale
+        rs_t = rs0
 
     # Pass 1: compaction. cnt = kept rows so far; kept row r goes to scratch[cnt + rank].
     offs_c = tl.arange(0, CHUNK)
@@ -356,7 +408,7 @@ def _sparse_gemv_compact_kernel(
         # B = 1: chunk c + 1's x and thresholds are requested before chunk c is ranked, so a
         # range of several chunks costs one memory round trip instead of one per chunk.
         in_n = (offs_c < ROWS) & (k_lo + offs_c < K)
-        x_n = tl.load(x_ptr + k_lo + offs_c, mask=in_n, other=0.0)
+        x_n = _x_vals(x_ptr, 0, k_lo + offs_c, in_n, rs0, nw_ptr, K, PRE, XT)
         if HAS_THRESHOLDS:
             thr_n = tl.load(thr_ptr + k_lo + offs_c, mask=in_n, other=0.0)
         else:
@@ -367,7 +419,7 @@ def _sparse_gemv_compact_kernel(
             x_c = x_n
             thr = thr_n
             in_n = ((c + CHUNK + offs_c) < ROWS) & (rows + CHUNK < K)
-            x_n = tl.load(x_ptr + rows + CHUNK, mask=in_n, other=0.0)
+            x_n = _x_vals(x_ptr, 0, rows + CHUNK, in_n, rs0, nw_ptr, K, PRE, XT)
             if HAS_THRESHOLDS:
                 thr_n = tl.load(thr_ptr + rows + CHUNK, mask=in_n, other=0.0)
             active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
@@ -383,11 +435,12 @@ def _sparse_gemv_compact_kernel(
             if USE_DOT:
                 active = tl.zeros([CHUNK], dtype=tl.int32)
                 for b in tl.static_range(X_ROWS):
-                    x_b = tl.load(x_ptr + b * stride_xb + rows, mask=in_r & (b < B), other=0.0)
+                    rs_b = tl.sum(tl.where(offs_b == b, rs, 0.0), axis=0)
+                    x_b = _x_vals(x_ptr, b * stride_xb, rows, in_r & (b < B), rs_b, nw_ptr, K, PRE, XT)
                     keep_b = (tl.abs(x_b.to(tl.float32)) > thr) & in_r & (b < B)
                     active = tl.maximum(active, keep_b.to(tl.int32))
             else:
-                x_c = tl.load(x_ptr + rows, mask=in_r, other=0.0)
+                x_c = _x_vals(x_ptr, 0, rows, in_r, rs0, nw_ptr, K, PRE, XT)
                 active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
             cnt = _list_kept(active, rows, scratch, cnt)
     tl.debug_barrier()  # the CTA's index stores are visible to all of its threads
@@ -406,13 +459,13 @@ def _sparse_gemv_compact_kernel(
         # possible tile; tiles past cnt are fully masked, so the result is the same.
         for t in range(0, ROWS, BLOCK_K):
             acc, idx_next = _compact_tile(t, cnt, idx_next, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
-                                          offs_j, offs_n, n_mask, offs_b, b_mask,
-                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K, TILE_SUM)
+                                          offs_j, offs_n, n_mask, offs_b, b_mask, rs_t,
+                                          nw_ptr, K, HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K, TILE_SUM, PRE)
     else:
         for t in range(0, cnt, BLOCK_K):
             acc, idx_next = _compact_tile(t, cnt, idx_next, acc, scratch, x_ptr, w_ptr, thr_ptr, N, stride_xb,
-                                          offs_j, offs_n, n_mask, offs_b, b_mask,
-                                          HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K, TILE_SUM)
+                                          offs_j, offs_n, n_mask, offs_b, b_mask, rs_t,
+                                          nw_ptr, K, HAS_THRESHOLDS, USE_DOT, DOT_FP32, BLOCK_K, TILE_SUM, PRE)
     if not USE_DOT and not TILE_SUM:
         acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     _publish(acc, y_ptr, acc_ptr, count_ptr, pid_n, offs_b, offs_n, b_mask, n_mask, N, SINGLE_SPLIT, ACCUMULATE)
@@ -619,23 +672,35 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-def _check_inputs(x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor]) -> None:
+def _check_inputs(x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor],
+                  norm_weight: Optional[torch.Tensor] = None, act: Optional[str] = None) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(w_t, torch.Tensor):
         raise TypeError("sparse_gemv: x and w_t must be tensors")
     if x.dim() not in (1, 2):
         raise ValueError(f"sparse_gemv: x must be [K] or [B, K], got shape {tuple(x.shape)}")
     if w_t.dim() != 2:
         raise ValueError(f"sparse_gemv: w_t must be [K, N], got shape {tuple(w_t.shape)}")
-    K = x.shape[-1]
-    if w_t.shape[0] != K:
+    if act not in _PRE_CODES or act == "rmsnorm":
+        raise ValueError(f"sparse_gemv: act must be None or 'silu', got {act!r}")
+    if act is not None and norm_weight is not None:
+        raise ValueError("sparse_gemv: norm_weight and act are two different input prologues; pass one")
+    K = w_t.shape[0]
+    x_cols = 2 * K if act is not None else K
+    if x.shape[-1] != x_cols:
+        what = f"[gate | up] of 2K={x_cols} columns" if act is not None else f"K={K} inputs"
         raise ValueError(
-            f"sparse_gemv: x has K={K} inputs but w_t is {tuple(w_t.shape)}; w_t must be [K, N] "
-            "(the transpose of nn.Linear.weight)"
+            f"sparse_gemv: w_t is {tuple(w_t.shape)}, so x must have {what}, got {x.shape[-1]}; "
+            "w_t must be [K, N] (the transpose of nn.Linear.weight)"
         )
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"sparse_gemv: x.dtype must be bfloat16, float16 or float32, got {x.dtype}")
-    if w_t.dtype != x.dtype:
+    if w_t.dtype != x.dtype and not (norm_weight is not None and w_t.dtype in _SUPPORTED_DTYPES):
         raise TypeError(f"sparse_gemv: w_t.dtype ({w_t.dtype}) must equal x.dtype ({x.dtype})")
+    if norm_weight is not None:
+        if not isinstance(norm_weight, torch.Tensor) or norm_weight.shape != (K,):
+            raise ValueError(f"sparse_gemv: norm_weight must be a [K]=[{K}] tensor")
+        if norm_weight.dtype != w_t.dtype or norm_weight.device != w_t.device:
+            raise TypeError(f"sparse_gemv: norm_weight must be {w_t.dtype} on {w_t.device} like w_t")
     if not w_t.is_contiguous():
         raise ValueError(
             "sparse_gemv: w_t must be contiguous [K, N] (prepare it once with "
@@ -659,6 +724,22 @@ def _check_inputs(x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch
             f"sparse_gemv: tensors on {x.device}: the Triton kernel needs CUDA (or "
             "TRITON_INTERPRET=1); use sparse_gemv_reference (the 'torch' backend) on the CPU"
         )
+
+
+def apply_input_prologue(x: torch.Tensor, dtype: torch.dtype, norm_weight: Optional[torch.Tensor] = None,
+                         eps: float = 1e-6, act: Optional[str] = None) -> torch.Tensor:
+    """The GEMV input that the kernel computes from x with an input prologue, in PyTorch ops
+    (the same ops, and roundings, as the engine's RMSNorm and its gated MLP):
+    ``norm_weight``: RMSNorm of x, ``norm_weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``;
+    ``act="silu"``: x = [gate | up], ``silu(gate) * up``; neither: x itself."""
+    if norm_weight is not None:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return norm_weight * xf.to(dtype)
+    if act == "silu":
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return x
 
 
 def _masked_dense_gemv(
@@ -687,14 +768,20 @@ def _launch(
     thresholds: Optional[torch.Tensor],  # [K] fp32 or None
     config: GemvConfig,
     persistent_workspace: bool,
-    out: Optional[torch.Tensor] = None,  # [B, N] contiguous, x.dtype (tests pass a NaN-filled one)
+    out: Optional[torch.Tensor] = None,  # [B, N] contiguous, w_t.dtype (tests pass a NaN-filled one)
     accumulate: bool = False,  # out (fp32, required) += the product; no workspace, no counters
+    norm_weight: Optional[torch.Tensor] = None,  # input prologue: RMSNorm of x with this weight
+    eps: float = 1e-6,
+    act: Optional[str] = None,  # input prologue: x = [gate | up] -> silu(gate) * up
 ) -> torch.Tensor:
-    B, K = x.shape
-    N = w_t.shape[1]
+    B = x.shape[0]
+    K, N = w_t.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = torch.empty((B, N), dtype=x.dtype, device=x.device) if out is None else out
+    pre = PRE_RMSNORM if norm_weight is not None else _PRE_CODES[act]
+    if pre != PRE_NONE and not config.compact:
+        raise ValueError("sparse_gemv: input prologues (norm_weight, act) need a compacting config")
+    y = torch.empty((B, N), dtype=w_t.dtype, device=x.device) if out is None else out
     grid_n = triton.cdiv(N, config.block_n)
     grid_k, steps = split_k(K, grid_n, config, _sm_count(x.device))
     single_split = grid_k == 1
@@ -715,7 +802,7 @@ def _launch(
         USE_DOT=use_dot,
         X_ROWS=_next_pow2(B),
         B_PAD=16 if use_dot else 1,
-        DOT_FP32=x.dtype == torch.float32 or _interpreting(),
+        DOT_FP32=w_t.dtype == torch.float32 or _interpreting(),
         SINGLE_SPLIT=single_split,
         BLOCK_K=config.block_k,
         BLOCK_N=config.block_n,
@@ -727,6 +814,7 @@ def _launch(
         common.update(USE_PDL=True, launch_pdl=True)
     if config.compact:
         rows = steps * config.block_k
+        r_block = max(16, min(_next_pow2(K), 4096 // common["B_PAD"]))
         _launcher(_sparse_gemv_compact_kernel)[(grid_n, grid_k)](
             x, w_t, thresholds if thresholds is not None else x, y, acc, counts, idx,
             B, K, N, x.stride(0),
@@ -735,6 +823,11 @@ def _launch(
             PREFETCH=config.prefetch,
             STATIC_LOOP=_interpreting(),
             TILE_SUM=config.tile_sum and not use_dot,
+            nw_ptr=norm_weight if norm_weight is not None else w_t,
+            eps=float(eps),
+            PRE=pre,
+            R_BLOCK=r_block,
+            R_STEPS=triton.cdiv(K, r_block) if pre == PRE_RMSNORM else 1,
             **common,
         )
         return y
@@ -763,18 +856,21 @@ def _sparse_gemv_impl(
     config: Optional[GemvConfig] = None,
     persistent_workspace: Optional[bool] = None,
     out: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    act: Optional[str] = None,
 ) -> torch.Tensor:
     """sparse_gemv without the custom-op wrapper; config/persistent_workspace/out for tests and
     benchmarks (None = what sparse_gemv would choose)."""
-    _check_inputs(x, w_t, thresholds)
+    _check_inputs(x, w_t, thresholds, norm_weight, act)
     squeeze = x.dim() == 1
-    x2d = x.unsqueeze(0) if squeeze else x  # x2d: [B, K]
-    B, K = x2d.shape
-    N = w_t.shape[1]
+    x2d = x.unsqueeze(0) if squeeze else x  # x2d: [B, K] (or [B, 2K] with act)
+    B = x2d.shape[0]
+    K, N = w_t.shape
     if B == 0 or N == 0 or K == 0:
-        y = torch.zeros((B, N), dtype=x.dtype, device=x.device)
+        y = torch.zeros((B, N), dtype=w_t.dtype, device=x.device)
     elif B > MAX_KERNEL_BATCH:
-        y = _masked_dense_gemv(x2d, w_t, thresholds)
+        y = _masked_dense_gemv(apply_input_prologue(x2d, w_t.dtype, norm_weight, eps, act), w_t, thresholds)
     else:
         if persistent_workspace is None:
             # Real tensors in eager mode (CUDA-graph capture included): cached workspace, one
@@ -782,28 +878,39 @@ def _sparse_gemv_impl(
             persistent_workspace = type(x) is torch.Tensor and not torch.compiler.is_compiling()
         if out is not None:
             out = out.view(B, N)
-        y = _launch(x2d, w_t, thresholds, config or pick_config(K, N, B), persistent_workspace, out)
+        y = _launch(x2d, w_t, thresholds, config or pick_config(K, N, B), persistent_workspace, out,
+                    norm_weight=norm_weight, eps=eps, act=act)
     return y.squeeze(0) if squeeze else y
 
 
 @triton_op("actsparse::sparse_gemv", mutates_args=())
 def _sparse_gemv_op(
-    x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor]
+    x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, act: Optional[str] = None,
 ) -> torch.Tensor:
-    return _sparse_gemv_impl(x, w_t, thresholds)
+    return _sparse_gemv_impl(x, w_t, thresholds, norm_weight=norm_weight, eps=eps, act=act)
 
 
 def sparse_gemv(
-    x: torch.Tensor,  # [B, K] or [K], bf16/fp16/fp32
-    w_t: torch.Tensor,  # [K, N], x.dtype, contiguous
+    x: torch.Tensor,  # [B, K] or [K], w_t.dtype (any float dtype with norm_weight; [B, 2K] with act)
+    w_t: torch.Tensor,  # [K, N], contiguous
     thresholds: Optional[torch.Tensor] = None,  # [K] fp32; None keeps every nonzero input
-) -> torch.Tensor:  # [B, N] (or [N]) in x.dtype
+    norm_weight: Optional[torch.Tensor] = None,  # [K], w_t.dtype: x is the input of this RMSNorm
+    eps: float = 1e-6,  # the RMSNorm's epsilon
+    act: Optional[str] = None,  # "silu": x = [gate | up], the input is silu(gate) * up
+) -> torch.Tensor:  # [B, N] (or [N]) in w_t.dtype
     """y = (x * (|x| > thresholds)) @ w_t with fp32 accumulation, skipping unused weight rows.
 
     Weight row k is read iff some batch row keeps x[:, k]. B <= 8 runs the Triton kernel,
     larger batches a masked dense matmul. Runs as ``torch.ops.actsparse.sparse_gemv``.
+
+    Input prologues fuse the op before the GEMV into it (``apply_input_prologue`` is their
+    PyTorch form): with ``norm_weight`` the kernel applies the RMSNorm to x itself (every program
+    reads the whole row for its scale), and with ``act="silu"`` it computes silu(gate) * up from
+    the gate/up projection's output. The thresholds apply to the resulting input. The norm or
+    activation kernel before the call, and its launch, disappear.
     """
-    return torch.ops.actsparse.sparse_gemv(x, w_t, thresholds)
+    return torch.ops.actsparse.sparse_gemv(x, w_t, thresholds, norm_weight, eps, act)
 
 
 def _check_accumulator(out: torch.Tensor, x: torch.Tensor, N: int) -> None:
@@ -825,16 +932,20 @@ def _sparse_gemv_add_impl(
     thresholds: Optional[torch.Tensor],
     config: Optional[GemvConfig] = None,
     persistent_workspace: Optional[bool] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    act: Optional[str] = None,
 ) -> torch.Tensor:
     """sparse_gemv_add_ without the custom-op wrapper (config for tests and benchmarks)."""
-    _check_inputs(x, w_t, thresholds)
+    _check_inputs(x, w_t, thresholds, norm_weight, act)
     _check_accumulator(out, x, w_t.shape[1])
     x2d = x.unsqueeze(0) if x.dim() == 1 else x
-    B, K = x2d.shape
-    N = w_t.shape[1]
+    B = x2d.shape[0]
+    K, N = w_t.shape
     if B == 0 or N == 0 or K == 0:
         return out
     if B > MAX_KERNEL_BATCH:
+        x2d = apply_input_prologue(x2d, w_t.dtype, norm_weight, eps, act)
         thr = 0.0 if thresholds is None else thresholds
         x_kept = torch.where(x2d.abs() > thr, x2d, torch.zeros_like(x2d))
         out.view(B, N).add_(x_kept.float() @ w_t.float())
@@ -842,22 +953,26 @@ def _sparse_gemv_add_impl(
     if persistent_workspace is None:
         persistent_workspace = type(x) is torch.Tensor and not torch.compiler.is_compiling()
     _launch(x2d, w_t, thresholds, config or pick_config(K, N, B), persistent_workspace, out.view(B, N),
-            accumulate=True)
+            accumulate=True, norm_weight=norm_weight, eps=eps, act=act)
     return out
 
 
 @triton_op("actsparse::sparse_gemv_add_", mutates_args=("out",))
 def _sparse_gemv_add_op(
-    out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor]
+    out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, act: Optional[str] = None,
 ) -> None:
-    _sparse_gemv_add_impl(out, x, w_t, thresholds)
+    _sparse_gemv_add_impl(out, x, w_t, thresholds, norm_weight=norm_weight, eps=eps, act=act)
 
 
 def sparse_gemv_add_(
     out: torch.Tensor,  # [B, N] (or [N]) fp32, contiguous: accumulated into
-    x: torch.Tensor,  # [B, K] or [K], bf16/fp16/fp32
-    w_t: torch.Tensor,  # [K, N], x.dtype, contiguous
+    x: torch.Tensor,  # [B, K] or [K] (see sparse_gemv for the input prologues)
+    w_t: torch.Tensor,  # [K, N], contiguous
     thresholds: Optional[torch.Tensor] = None,  # [K] fp32; None keeps every nonzero input
+    norm_weight: Optional[torch.Tensor] = None,  # input prologue: RMSNorm (see sparse_gemv)
+    eps: float = 1e-6,
+    act: Optional[str] = None,  # input prologue: "silu" (see sparse_gemv)
 ) -> torch.Tensor:
     """out += (x * (|x| > thresholds)) @ w_t, in fp32, skipping unused weight rows; returns out.
 
@@ -866,16 +981,17 @@ def sparse_gemv_add_(
     so the call needs no workspace, no arrival counter and no final pass, which shortens the
     per-call chain that dominates at high sparsity. Summation order varies from run to run.
     """
-    torch.ops.actsparse.sparse_gemv_add_(out, x, w_t, thresholds)
+    torch.ops.actsparse.sparse_gemv_add_(out, x, w_t, thresholds, norm_weight, eps, act)
     return out
 
 
 def sparse_gemv_add_reference(
-    out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor] = None
+    out: torch.Tensor, x: torch.Tensor, w_t: torch.Tensor, thresholds: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6, act: Optional[str] = None,
 ) -> torch.Tensor:
     """Pure-PyTorch semantics of sparse_gemv_add_: out += masked(x) @ w_t in fp32."""
     _check_accumulator(out, x, w_t.shape[1])
-    x32 = x.float()
+    x32 = apply_input_prologue(x, w_t.dtype, norm_weight, eps, act).float()
     thr = 0.0 if thresholds is None else thresholds.float()
     return out.add_(torch.where(x32.abs() > thr, x32, torch.zeros_like(x32)) @ w_t.float())
 
@@ -884,9 +1000,12 @@ def sparse_gemv_reference(
     x: torch.Tensor,  # [B, K] or [K]
     w_t: torch.Tensor,  # [K, N]
     thresholds: Optional[torch.Tensor] = None,  # [K] fp32 or None
-) -> torch.Tensor:  # [B, N] (or [N]) in x.dtype
+    norm_weight: Optional[torch.Tensor] = None,  # input prologue (see sparse_gemv)
+    eps: float = 1e-6,
+    act: Optional[str] = None,
+) -> torch.Tensor:  # [B, N] (or [N]) in w_t.dtype
     """Pure-PyTorch semantics of sparse_gemv (any device): fp32 math, one rounding at the end."""
-    x32 = x.float()
+    x32 = apply_input_prologue(x, w_t.dtype, norm_weight, eps, act).float()
     thr = 0.0 if thresholds is None else thresholds.float()
     x_kept = torch.where(x32.abs() > thr, x32, torch.zeros_like(x32))
-    return (x_kept @ w_t.float()).to(x.dtype)
+    return (x_kept @ w_t.float()).to(w_t.dtype)
