@@ -99,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-cache", default="", help="load the sampled windows from this file if it exists, "
                    "else save them there (reuse across runs on one machine)")
     p.add_argument("--skip-l1-off", action="store_true", help="no ReLU run with the L1 term off")
+    p.add_argument("--skip-control", action="store_true",
+                   help="no SiLU control (run it in another call, e.g. for a budget that does not fit one call)")
     p.add_argument("--control-from", default="",
                    help="take the SiLU control from this earlier run's JSON (same steps and training data) "
                         "instead of training it again: a run too long for one call can be split in two")
@@ -434,6 +436,9 @@ def main(argv=None) -> int:
         log(f"control taken from {args.control_from} ({earlier['date']}): eval ppl "
             f"{doc['stages']['silu_finetune_control']['eval_ppl']:.3f}")
         control = True  # figures only: the cross-check below needs the model itself
+    elif args.skip_control:
+        log("no SiLU control in this call (--skip-control): ratios need a control of the same budget")
+        control = None
     else:
         control = run("silu_finetune_control", silu=True)
     ra, hd = args.relu_distill_alpha, args.hidden_distill
