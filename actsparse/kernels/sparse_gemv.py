@@ -35,6 +35,12 @@ zeroed workspace, which keeps the traced graph functional at the cost of one sma
 Warm up once per dtype and shape on the capture stream before capturing a CUDA graph, so that
 Triton compiles and the workspace is allocated outside the capture.
 
+Input prologues (``norm_weight=`` / ``act="silu"``; compacting kernel only): the op before the
+GEMV runs inside it. With an RMSNorm every program first reduces the whole input row to its scale,
+then normalizes the inputs it tests and the rows it keeps; with ``act="silu"`` x is the gate/up
+output ``[gate | up]`` and each input is ``silu(gate) * up``. Both round as the eager PyTorch ops do
+(``apply_input_prologue``), and the thresholds apply to the result.
+
 Batch > 8 falls back to ``_masked_dense_gemv`` (threshold mask + cuBLAS matmul): with more than
 8 independent rows the union of kept inputs is nearly dense, and a GEMM is the right tool.
 
