@@ -3,10 +3,13 @@
     PYTHONPATH=. python benchmarks/plot_relu.py --out docs/relu_smollm2.png
 
 Reads the raw records of `benchmarks/relu_smollm2.py` (docs/RESULTS.md "ReLU path"): run 2 of the
-previous session (logit distillation only) and runs 3-10 (layer-wise MLP distillation, hidden-state
-distillation, sampled text, lower L1 peaks, per-layer FATReLU allocation). Every ReLU stage of a run (e2e fine-tunes and their FATReLU variants)
-is one point, the line joins the points that no sparser point of the run beats; the goal region
-(<= 1.1 x the control's perplexity) and the goal sparsity are marked.
+previous session (logit distillation only) and runs 3-13 (layer-wise MLP distillation, hidden-state
+distillation, sampled text, lower L1 peaks, per-layer FATReLU allocation, the FATReLU ramp, the
+learning rate, longer training). Every ReLU stage of a run (e2e fine-tunes and their FATReLU
+variants) is one point, the line joins the points that no sparser point of the run beats; the goal region
+(<= 1.1 x the control's perplexity, the controls recorded with the runs; the degraded controls of
+run 12 at lr 6e-4 and of run 13 at 2400 steps, worse than the untouched model, are left out) and
+the goal sparsity are marked.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ RUNS = [  # (file, label)
     ("benchmarks/results/relu_smollm2_h100_run11a.json", "run 11: run 10 + FATReLU ramp to 85%"),
     ("benchmarks/results/relu_smollm2_h100_run11b.json", "run 11: run 10 + FATReLU ramp to 87%"),
     ("benchmarks/results/relu_smollm2_h100_run11c.json", "run 11: ramp to 87%, L1 off"),
+    ("benchmarks/results/relu_smollm2_h100_run12a.json", "run 12: run 11c at lr 3e-4"),
+    ("benchmarks/results/relu_smollm2_h100_run12b.json", "run 12: run 11c at lr 6e-4"),
+    ("benchmarks/results/relu_smollm2_h100_run13.json", "run 13: run 12 lr 6e-4, 2400 steps"),
 ]
 
 
@@ -46,7 +52,8 @@ def main(argv=None) -> None:
     for i, (path, label) in enumerate(RUNS):
         doc = json.load(open(path))
         pts = sorted((r["eval_sparsity"], r["eval_ppl"]) for n, r in doc["stages"].items() if n.startswith("relu_"))
-        controls.append(doc["stages"]["silu_finetune_control"]["eval_ppl"])
+        if "silu_finetune_control" in doc["stages"]:  # run 13 ran its control in another call
+            controls.append(doc["stages"]["silu_finetune_control"]["eval_ppl"])
         # every stage as a point; the line joins the stages no sparser stage beats (the run's frontier)
         frontier, best = [], float("inf")
         for sp, ppl in sorted(pts, reverse=True):
