@@ -99,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--sample-cache", default="", help="load the sampled windows from this file if it exists, "
                    "else save them there (reuse across runs on one machine)")
     p.add_argument("--skip-l1-off", action="store_true", help="no ReLU run with the L1 term off")
+    p.add_argument("--control-distill", type=float, default=0.0,
+                   help="KL-to-the-original weight of the SiLU control's loss (0: plain LM loss, which "
+                        "over-fits past ~1400 steps of this text, run 13)")
     p.add_argument("--skip-control", action="store_true",
                    help="no SiLU control (run it in another call, e.g. for a budget that does not fit one call)")
     p.add_argument("--control-from", default="",
@@ -440,7 +443,7 @@ def main(argv=None) -> int:
         log("no SiLU control in this call (--skip-control): ratios need a control of the same budget")
         control = None
     else:
-        control = run("silu_finetune_control", silu=True)
+        control = run("silu_finetune_control", silu=True, distill=args.control_distill)
     ra, hd = args.relu_distill_alpha, args.hidden_distill
     tag = (f"_distill{ra:g}" if ra else "") + (f"_hidden{hd:g}" if hd else "") + ("_lw" if start_model else "")
     tag += "_sampled" if extra is not None else ""
