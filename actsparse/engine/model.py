@@ -16,6 +16,9 @@ Sparse mode (``Transformer.sparsify_``): each block linear stores its weight tra
 ``actsparse.kernels.sparse_gemv.sparse_gemv`` with per-input thresholds [K] (kept iff
 ``|x_k| > thresholds[k]``). Prefill (more rows than a GEMV serves) applies the same mask and uses a
 dense matmul, so prefill and decode compute the same function. ``lm_head`` always stays dense.
+With every linear sparse, the residual stream is fp32 and the o/down GEMVs add into it
+(``set_fused_residual_``), and the qkv, gate/up and down GEMVs compute what precedes them, the
+RMSNorm or ``silu(gate) * up``, from their raw inputs (``set_fused_prologue_``, ``Linear(x, pre)``).
 """
 
 from __future__ import annotations
