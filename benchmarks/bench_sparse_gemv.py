@@ -407,6 +407,80 @@ def run_variants(ceiling) -> list:
     return rows
 
 
+PROLOGUE_PROBLEMS = (  # (shape, prologue, form): the engine's fused calls at batch 1
+    ("llama3-8b.qkv", "rmsnorm", "plain"), ("llama3-8b.gate_up", "rmsnorm", "plain"), ("llama3-8b.down", "silu", "add"))
+
+
+def make_prologue_inputs(K: int, s: float, count: int, dtype, pre: str, seed: int):
+    """`count` (raw input, thresholds) pairs for an input prologue at batch 1, and its kwargs: the
+    RMSNorm's fp32 input (plus a norm weight) or a [gate | up] row; one threshold for all inputs
+    at the s-quantile of |prologue output|."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    if pre == "rmsnorm":
+        kw = dict(norm_weight=(0.5 + torch.rand(K, device=DEVICE, generator=gen)).to(dtype), eps=1e-5)
+    else:
+        kw = dict(act="silu")
+    xs, thrs, kept = [], [], []
+    for _ in range(count):
+        if pre == "rmsnorm":
+            x = torch.randn(1, K, device=DEVICE, generator=gen) * 3
+        else:
+            x = (torch.randn(1, 2 * K, device=DEVICE, generator=gen) * 2).to(dtype)
+        a = sg.apply_input_prologue(x, dtype, **kw).float().abs()
+        t = torch.quantile(a.flatten(), s).item() if s > 0 else 0.0
+        thr = torch.full((K,), t, dtype=torch.float32, device=DEVICE)
+        xs.append(x)
+        thrs.append(thr)
+        kept.append((a > thr).sum().item())
+    return xs, thrs, kept, kw
+
+
+def run_prologues(ceiling) -> list:
+    """B=1, default configs: each engine call that takes an input prologue (RMSNorm before qkv and
+    gate/up, silu(gate) * up before down), timed with the prologue in the kernel and without it
+    (the input already normalized / activated, as the unfused engine feeds it). The difference is
+    what the prologue costs inside the kernel. Each fused form is checked against the fp64
+    product of apply_input_prologue first."""
+    rows = []
+    for name, pre, form in PROLOGUE_PROBLEMS:
+        K, N = SHAPES[name]
+        prob = Problem(K, N)
+        acc = form == "add"
+        xs, thrs, _, kw = make_prologue_inputs(K, 0.5, 1, prob.dtype, pre, seed=9)
+        ref = reference64(sg.apply_input_prologue(xs[0], prob.dtype, **kw), prob.w_ts[0], thrs[0])
+        if acc:
+            start = torch.randn(1, N, device=DEVICE)
+            y = sg._sparse_gemv_add_impl(start.clone(), xs[0], prob.w_ts[0], thrs[0], **kw) - start
+        else:
+            y = sg._sparse_gemv_impl(xs[0], prob.w_ts[0], thrs[0], **kw)
+        err = rel_err(y, ref)
+        if not err < 1e-2:
+            raise RuntimeError(f"prologue {pre} on {name}: rel err {err:.2e} against the reference")
+        dense = prob.time_dense(1, seed=3)
+        for s_ in (0.5, 0.7):
+            xs, thrs, kept, kw = make_prologue_inputs(K, s_, prob.calls, prob.dtype, pre, seed=4)
+            if acc:
+                outs = [torch.zeros(1, N, dtype=torch.float32, device=DEVICE) for _ in range(prob.calls)]
+                calls = [(lambda i=i: sg._sparse_gemv_add_impl(outs[i], xs[i], prob.w_ts[i % prob.copies], thrs[i],
+                                                               **kw)) for i in range(prob.calls)]
+            else:
+                calls = [(lambda i=i: sg._sparse_gemv_impl(xs[i], prob.w_ts[i % prob.copies], thrs[i], **kw))
+                         for i in range(prob.calls)]
+            fused_us = graph_time_us(calls)
+            plain_us, rows_read = prob.time_sparse(1, s_, seed=4, accumulate=acc)
+            r_plain = row_record(name, K, N, 1, s_, plain_us, rows_read, dense, 2, ceiling)
+            r_fused = row_record(name, K, N, 1, s_, fused_us, statistics.mean(kept), dense, 2, ceiling)
+            rec = {"shape": name, "prologue": pre, "form": form, "s": s_, "dense_us": round(min(dense), 2),
+                   "without": {k: r_plain[k] for k in ("us", "speedup", "eff_tb_s")},
+                   "fused": {k: r_fused[k] for k in ("us", "speedup", "eff_tb_s")},
+                   "prologue_cost_us": round(r_fused["us"] - r_plain["us"], 2)}
+            rows.append(rec)
+            log(f"prologue {name:18s} {pre:7s} s={s_:.1f} dense {rec['dense_us']:7.2f} us | without "
+                f"{rec['without']['us']:6.2f} us | fused {rec['fused']['us']:6.2f} us (+{rec['prologue_cost_us']:.2f})")
+        prob.free()
+    return rows
+
+
 def down_grid() -> list:
     """Compacting configs for long-K, narrow-N problems (down projections): tiles, warps and programs
     per SM, with at most 128 fp32 accumulator values per thread (the FMA path keeps a BK x BN tile)."""
@@ -563,6 +637,8 @@ def main(argv=None) -> int:
                     help="only the tall-tile grid on ProSparse step 3 and the Llama-3-8B shapes, after the gate")
     ap.add_argument("--variants", action="store_true",
                     help="only the launch-form comparison (plain / pdl / add / add+pdl) at B=1, after the gate")
+    ap.add_argument("--prologues", action="store_true",
+                    help="only the input-prologue comparison (fused RMSNorm / SiLU against none) at B=1, after the gate")
     ap.add_argument("--save-choice", default=None,
                     help="with --sweep: write the chosen configs here (for sparse_gemv.load_tuned_configs)")
     args = ap.parse_args(argv)
@@ -598,6 +674,8 @@ def main(argv=None) -> int:
          lambda d: [[r["shape"], r["s"], r["dense_us"]] + [r[f]["us"] for f in
                     ("plain", "pdl", "add", "add_pdl", "plain_pf", "add_pdl_pf", "add_pdl_pf1024")] for r in d]),
         (args.sweep_down, "sweep_down", run_sweep_down, lambda d: sweep_rows(d["rows"])),
+        (args.prologues, "prologues", lambda: run_prologues(ceiling["tb_s"]),
+         lambda d: [[r["shape"], r["prologue"], r["s"], r["dense_us"], r["without"]["us"], r["fused"]["us"]] for r in d]),
     ]
     for flag, key, run, summary in only:
         if flag:
