@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .sparse_gemv import _interpreting, _launcher
+from .sparse_gemv import _PDL_DEFAULT, _interpreting, _launcher, _pdl_prologue, _pdl_supported
 
 BLOCK_S = 64  # cached positions per program
 
@@ -59,7 +59,9 @@ def _decode_attn_kernel(
     IEEE: tl.constexpr,
     GC: tl.constexpr,  # G rounded up to a power of two (the merge's rows)
     CH: tl.constexpr,  # blocks merged per step
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (sparse_gemv.set_pdl_default)
 ):
+    _pdl_prologue(USE_PDL)  # with PDL: wait for the qkv GEMV, then let the o GEMV's launch start
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // Hkv
@@ -199,6 +201,8 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
     sin = sin.reshape(-1, head_dim)[-1].float().contiguous()
     mask = mask.reshape(-1, S)[-1].contiguous()
     consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=BLOCK_S)
+    if _PDL_DEFAULT[0] and _pdl_supported(dev):  # off by default, like the sparse GEMVs' PDL
+        consts.update(USE_PDL=True, launch_pdl=True)
     _launcher(_decode_attn_kernel)[(B * n_kv_head, nsplit)](
         qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc, counts, y,
         n_kv_head, S, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), y.stride(0), 1.0 / math.sqrt(head_dim),
