@@ -316,8 +316,8 @@ def main(argv=None) -> dict:
                    help="also time sparse B=1 at every sparsity with the other Transformer.set_fused_prologue_ "
                         "setting (norms and act(gate) * up inside the sparse kernels, or as separate kernels)")
     p.add_argument("--pdl", action="store_true",
-                   help="also time sparse B=1 at the batch sparsity and the highest one with the sparse GEMVs and the decode attention "
-                        "launched with programmatic dependent launch")
+                   help="also time sparse B=1 at the batch sparsity and the highest one with the sparse GEMVs "
+                        "and the decode attention launched with programmatic dependent launch")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)
