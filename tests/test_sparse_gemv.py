@@ -392,3 +392,14 @@ def test_input_prologue_batch_fallback_and_errors():
         sparse_gemv(x[:1], w_t, thresholds)
     with pytest.raises(ValueError, match="compacting"):
         sg._sparse_gemv_impl(x[:1], w_t, thresholds, config=GemvConfig(32, 64), **kw)
+
+
+def test_maxnreg_config():
+    """GemvConfig.maxnreg: validated, named, and inert under the interpreter (a launch option on
+    the GPU; the result is the same function)."""
+    cfg = GemvConfig(32, 256, compact=True, tile_sum=True, maxnreg=128)
+    assert str(cfg).endswith("-ts-r128")
+    with pytest.raises(ValueError, match="maxnreg"):
+        GemvConfig(64, 128, compact=True, maxnreg=300)
+    x, w_t, thresholds = make_case(300, 200, 1, 0.5, torch.bfloat16, seed=37)
+    assert rel_err(run_poisoned(x, w_t, thresholds, config=cfg), exact(x, w_t, thresholds)) < TOL[torch.bfloat16]

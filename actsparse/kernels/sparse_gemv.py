@@ -495,6 +495,10 @@ class GemvConfig:
     chunk: int = 512  # compacting variant: rows per compaction step (2048 measured slower)
     prefetch: bool = False  # compacting variant, B = 1: overlap the compaction steps' x loads
     tile_sum: bool = False  # compacting variant, B = 1: reduce each tile at once (taller tiles fit)
+    # Cap on registers per thread (None: the compiler's choice). The shipped tiles compile to
+    # 243-255 registers with 4 warps (local sm_90 compile, Triton 3.6), so only 2 programs fit an
+    # SM by registers; 128 lets 4 fit (with spills on some tiles). For sweeps; not yet measured.
+    maxnreg: Optional[int] = None
 
     def __post_init__(self):
         for name in ("block_k", "block_n", "max_steps", "chunk"):
@@ -508,13 +512,15 @@ class GemvConfig:
             raise ValueError("GemvConfig.num_stages and programs_per_sm must be >= 1")
         if self.compact and self.num_stages != 1:
             raise ValueError("GemvConfig: the compacting variant has no cp.async pipeline (num_stages=1)")
+        if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"GemvConfig.maxnreg must be None or in [24, 255], got {self.maxnreg}")
 
     def __str__(self) -> str:
         dot = {None: "", True: "-dot", False: "-fma"}[self.use_dot]
         return (f"{'c-' if self.compact else ''}bk{self.block_k}-bn{self.block_n}-st{self.num_stages}"
                 f"-w{self.num_warps}-p{self.programs_per_sm}{dot}{'-pdl' if self.pdl else ''}"
                 f"{'' if self.chunk == 512 else f'-ch{self.chunk}'}{'-pf' if self.prefetch else ''}"
-                f"{'-ts' if self.tile_sum else ''}")
+                f"{'-ts' if self.tile_sum else ''}{'' if self.maxnreg is None else f'-r{self.maxnreg}'}")
 
 
 def _next_pow2(n: int) -> int:
@@ -816,6 +822,8 @@ def _launch(
         USE_PDL=False,
         num_warps=config.num_warps,
     )
+    if config.maxnreg is not None and not _interpreting():
+        common["maxnreg"] = config.maxnreg
     if config.pdl and _pdl_supported(x.device):
         common.update(USE_PDL=True, launch_pdl=True)
     if config.compact:
