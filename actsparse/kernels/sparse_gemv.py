@@ -296,11 +296,11 @@ def _x_vals(x_ptr, row_off, cols, mask, rs, nw_ptr, K, PRE: tl.constexpr, XT: tl
     (rounded as the eager PyTorch ops round it):
     PRE_NONE: x itself. PRE_RMSNORM: nw * (x * rs).to(XT) (x: the norm's input, any float dtype;
     rs: the row's rsqrt scale). PRE_SILU_MUL: silu(gate) * up with gate = x[k], up = x[K + k]."""
-    if PRE == 1:
+    if PRE == 1:  # PRE_RMSNORM (Triton kernels read no plain module globals, hence the literals)
         r = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
         nw = tl.load(nw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         return (nw * (r * rs).to(XT).to(tl.float32)).to(XT)
-    elif PRE == 2:
+    elif PRE == 2:  # PRE_SILU_MUL
         g = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row_off + K + cols, mask=mask, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(XT).to(tl.float32)
@@ -396,7 +396,7 @@ def _sparse_gemv_compact_kernel(
     # pid_k write the same indices to it (same inputs, same order), so their writes agree.
     scratch = idx_ptr + k_lo
     XT = w_ptr.dtype.element_ty
-    if PRE == 1:  # every program takes the norm of its rows itself (an L2 read of x)
+    if PRE == 1:  # PRE_RMSNORM: every program reduces the whole row to its scale (an L2 read of x)
         rs = _rms_scale(x_ptr, stride_xb, K, eps, offs_b, b_mask, B_PAD, R_BLOCK, R_STEPS)  # [B_PAD]
     else:
         rs = tl.zeros([B_PAD], dtype=tl.float32)
