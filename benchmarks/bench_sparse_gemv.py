@@ -244,21 +244,20 @@ class Problem:
 
     def time_sparse(self, B, s, config=None, seed=0, accumulate=False):
         xs, thrs, kept = make_inputs(self.K, B, s, self.calls, self.dtype, seed)
+        return self.time_calls(xs, thrs, accumulate, config=config), statistics.mean(kept)
+
+    def time_calls(self, xs, thrs, accumulate=False, **kw):
+        """Graph time (us) of one sparse call per (x, thresholds) pair, each on its weight copy;
+        kw: sparse_gemv's config and input-prologue arguments."""
+        B = xs[0].shape[0]
         if accumulate:  # sparse_gemv_add_ into one fp32 accumulator per call
             outs = [torch.zeros(B, self.N, dtype=torch.float32, device=DEVICE) for _ in range(self.calls)]
-            calls = [
-                (lambda i=i: sg._sparse_gemv_add_impl(outs[i], xs[i], self.w_ts[i % self.copies], thrs[i],
-                                                      config=config))
-                for i in range(self.calls)
-            ]
+            calls = [(lambda i=i: sg._sparse_gemv_add_impl(outs[i], xs[i], self.w_ts[i % self.copies], thrs[i], **kw))
+                     for i in range(self.calls)]
         else:
-            calls = [
-                (lambda i=i: sg._sparse_gemv_impl(xs[i], self.w_ts[i % self.copies], thrs[i], config=config))
-                for i in range(self.calls)
-            ]
-        us = graph_time_us(calls)
-        rows = statistics.mean(kept)
-        return us, rows
+            calls = [(lambda i=i: sg._sparse_gemv_impl(xs[i], self.w_ts[i % self.copies], thrs[i], **kw))
+                     for i in range(self.calls)]
+        return graph_time_us(calls)
 
     def time_dense(self, B, seed=0):
         xs, _, _ = make_inputs(self.K, B, 0.0, self.calls, self.dtype, seed)
@@ -464,14 +463,7 @@ def run_prologues(ceiling) -> list:
         dense = prob.time_dense(1, seed=3)
         for s_ in (0.5, 0.7):
             xs, thrs, kept, kw = make_prologue_inputs(K, s_, prob.calls, prob.dtype, pre, seed=4)
-            if acc:
-                outs = [torch.zeros(1, N, dtype=torch.float32, device=DEVICE) for _ in range(prob.calls)]
-                calls = [(lambda i=i: sg._sparse_gemv_add_impl(outs[i], xs[i], prob.w_ts[i % prob.copies], thrs[i],
-                                                               **kw)) for i in range(prob.calls)]
-            else:
-                calls = [(lambda i=i: sg._sparse_gemv_impl(xs[i], prob.w_ts[i % prob.copies], thrs[i], **kw))
-                         for i in range(prob.calls)]
-            fused_us = graph_time_us(calls)
+            fused_us = prob.time_calls(xs, thrs, acc, **kw)
             plain_us, rows_read = prob.time_sparse(1, s_, seed=4, accumulate=acc)
             r_plain = row_record(name, K, N, 1, s_, plain_us, rows_read, dense, 2, ceiling)
             r_fused = row_record(name, K, N, 1, s_, fused_us, statistics.mean(kept), dense, 2, ceiling)
