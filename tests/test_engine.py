@@ -5,6 +5,7 @@ save_pretrained and loaded by the engine; fp32 on the CPU, so the tolerance is t
 Sparse runs apply the same thresholds to the HF model's linear inputs with forward pre-hooks.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -549,6 +550,45 @@ def test_fused_prologue_keeps_logits(tmp_path, monkeypatch):
     assert not engine.layers[0].uses_fused_prologue()
     with pytest.raises(ActsparseError):
         engine.set_fused_prologue_("maybe")
+
+
+@pytest.mark.interpreter
+def test_batches_above_max_gemv_rows_take_the_masked_matmul(tmp_path, monkeypatch):
+    """Thresholded linears send decode batches of more than TEAL_MAX_GEMV_ROWS rows to the masked
+    dense product (per-row thresholds leave few rows every row skips), ReLU inputs keep 8 rows;
+    set_max_gemv_rows_ overrides both. Same logits on either path, and the kernel is really
+    called (or not) as the rule says."""
+    pytest.importorskip("triton")
+    import actsparse.engine.model as engine_model
+    from actsparse.kernels import sparse_gemv as sg
+
+    engine, ids = sparse_llama_engine(tmp_path)
+    ids3 = torch.cat([ids, ids[:1].flip(1)])  # batch 3
+    assert engine_model.TEAL_MAX_GEMV_ROWS == 2
+    assert {lin.max_gemv_rows for _, lin, _ in engine.block_linears()} == {2}
+    ref = engine_logits(engine.set_max_gemv_rows_(8), ids3)  # the reference GEMV at batch 3
+    key = engine.sparse_key()
+    engine.set_max_gemv_rows_(None)
+    assert engine.sparse_key() != key
+    engine.set_backend_("triton")
+    rows = []
+    real = sg.sparse_gemv
+    monkeypatch.setattr(sg, "sparse_gemv", lambda x, *a, **kw: (rows.append(x.shape[0]), real(x, *a, **kw))[1])
+    assert rel_err(engine_logits(engine, ids3), ref) < 1e-5
+    assert rows == []  # batch 3 > 2: no kernel call
+    engine_logits(engine, ids)
+    assert rows and set(rows) == {2}  # batch 2 decode steps: the kernel
+    rows.clear()
+    assert rel_err(engine_logits(engine.set_max_gemv_rows_(8), ids3), ref) < 1e-5
+    assert rows and set(rows) == {3}
+    with pytest.raises(ActsparseError):
+        engine.set_max_gemv_rows_(9)
+    relu_args = dataclasses.replace(engine_model.ModelArgs.from_name("tiny-llama"), hidden_act="relu")
+    relu = random_model(relu_args, device="cpu", dtype=torch.float32, seed=5)
+    relu.sparsify_relu_(backend="torch", gate_up=False)
+    assert all(layer.feed_forward.w2.max_gemv_rows == 8 for layer in relu.layers)
+    relu.set_max_gemv_rows_(None)
+    assert all(layer.feed_forward.w2.max_gemv_rows == 8 for layer in relu.layers)
 
 
 def test_prefill_accepts_a_non_contiguous_attention_output(monkeypatch):

@@ -36,6 +36,12 @@ from ..errors import ActsparseError
 
 ENGINE_ARCHITECTURES = ("llama", "mistral", "qwen2")
 MAX_GEMV_ROWS = 8  # sparse_gemv serves up to 8 rows (batch 1..8 at decode); more rows use a matmul
+# Thresholded (TEAL) linears send decode batches of more than 2 rows to the masked dense product:
+# per-row thresholds leave few weight rows that every row skips (at s=0.5 the union skips 26.7%,
+# 7.3% and 0.6% of the rows at batch 2, 4 and 8), and the sparse kernel reading nearly every row
+# was slower than dense there (H100, Llama-3-8B shape: 0.907x at batch 4, 0.861x at 8;
+# docs/RESULTS.md). ReLU inputs (skip_zeros) share their zeros across rows and keep all 8.
+TEAL_MAX_GEMV_ROWS = 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,6 +234,7 @@ class Linear(nn.Module):
         self.prefill_dense = False  # sparse mode: keep multi-token (prompt) inputs dense
         self.keeps_all = True  # sparse mode: every threshold <= 0 (dense layout, dense path)
         self.skip_zeros = False  # sparse mode: zero thresholds still take the sparse path (ReLU inputs)
+        self.max_gemv_rows = MAX_GEMV_ROWS  # sparse mode: more input rows than this take the masked matmul
         self.layout_epoch = 0  # changes whenever the weight tensor is replaced by a re-layout
         self.record: list | None = None  # calibration/statistics: inputs are appended here when set
         self.record_io: list | None = None  # checks: (x [M, K], y [M, N]) of each sparse call when set
@@ -249,6 +256,7 @@ class Linear(nn.Module):
         if backend not in ("torch", "triton"):
             raise ActsparseError(f"unknown sparse backend '{backend}' (choose torch or triton)")
         self.skip_zeros = bool(skip_zeros)
+        self.max_gemv_rows = MAX_GEMV_ROWS if self.skip_zeros else TEAL_MAX_GEMV_ROWS
         if not self.sparse:
             w = self.weight if self.weight is not None else self.weight_t
             self.thresholds = torch.zeros(self.in_features, dtype=torch.float32, device=w.device)
@@ -303,6 +311,8 @@ class Linear(nn.Module):
             # Traced when compiled: Inductor calls cuBLAS, or (with coordinate-descent tuning)
             # turns the M=1 product into a tuned Triton GEMV.
             return F.linear(x, self.weight, self.bias)
+        if self.record_io is None and not self._gemv_rows(x):
+            return self._matmul_forward(x)  # traced when compiled: the mask fuses with its neighbours
         return self._sparse_forward(x)
 
     def forward_add(self, x: torch.Tensor, r: torch.Tensor, pre=None) -> torch.Tensor:
@@ -325,7 +335,19 @@ class Linear(nn.Module):
         """Sparse mode: x [..., K] goes to a sparse GEMV (kernel or its reference), not to a dense
         product (all thresholds <= 0, or a prompt under prefill_dense) or a masked matmul (> 8 rows)."""
         prompt = self.prefill_dense and x.dim() == 3 and x.shape[1] > 1
-        return not (prompt or self.keeps_all) and x.numel() // x.shape[-1] <= MAX_GEMV_ROWS
+        return not (prompt or self.keeps_all) and x.numel() // x.shape[-1] <= self.max_gemv_rows
+
+    def _matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparse mode, inputs that do not go to a GEMV (prompts, batches above max_gemv_rows):
+        the dense product of the masked input (or of the input itself for prompts under
+        prefill_dense, and where every threshold is <= 0), the same function as the GEMV path."""
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if not ((self.prefill_dense and x.dim() == 3 and x.shape[1] > 1) or self.keeps_all):
+            x2 = x2 * (x2.abs() > self.thresholds).to(x2.dtype)
+        y = self._dense_product(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     @torch.compiler.disable
     def _sparse_add(self, x: torch.Tensor, r: torch.Tensor, pre=None) -> torch.Tensor:
@@ -354,14 +376,15 @@ class Linear(nn.Module):
             if self.record_io is not None:
                 self.record_io.append((apply_prologue(x2, pre).detach().clone(), y.detach().clone()))
             return y.view(*x.shape[:-1], self.out_features)
+        if not self._gemv_rows(x):  # only with record_io set (forward traces this case itself)
+            y = self._matmul_forward(x)
+            if self.record_io is not None:
+                self.record_io.append((x.reshape(-1, self.in_features).detach().clone(),
+                                       y.reshape(-1, self.out_features).detach().clone()))
+            return y
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if (self.prefill_dense and x.dim() == 3 and x.shape[1] > 1) or self.keeps_all:
-            y = self._dense_product(x2)
-        elif self._gemv_rows(x):
-            gemv = _sparse_gemv() if self.backend == "triton" else _sparse_gemv_reference()
-            y = gemv(x2, self.weight_t, self.thresholds)  # [M, N]
-        else:  # prefill: same mask, compute-bound matmul
-            y = (x2 * (x2.abs() > self.thresholds).to(x2.dtype)) @ self.weight_t
+        gemv = _sparse_gemv() if self.backend == "triton" else _sparse_gemv_reference()
+        y = gemv(x2, self.weight_t, self.thresholds)  # [M, N]
         if self.bias is not None:
             y = y + self.bias
         if self.record_io is not None:
@@ -741,7 +764,7 @@ class Transformer(nn.Module):
                 self.layers[0].feed_forward.act_boundary, self.layers[0].feed_forward.gate_up_backend,
                 self.layers[0].fused_residual, self.layers[0].uses_fused_residual(),
                 self.layers[0].fused_prologue, self.layers[0].uses_fused_prologue(),
-                tuple((l.keeps_all, l.layout_epoch) for _, l, _ in self.block_linears()))
+                tuple((l.keeps_all, l.layout_epoch, l.max_gemv_rows) for _, l, _ in self.block_linears()))
 
     @property
     def prefill_dense(self) -> bool:
@@ -799,6 +822,17 @@ class Transformer(nn.Module):
             raise ActsparseError(f"fused prologue must be True, False or 'auto', got {on!r}")
         for layer in self.layers:
             layer.fused_prologue = on
+        return self
+
+    def set_max_gemv_rows_(self, rows: int | None = None) -> "Transformer":
+        """Decode batches of up to ``rows`` rows (1-8) go to the sparse GEMV kernels; larger ones
+        to the masked dense product, the same function. None restores the defaults:
+        ``TEAL_MAX_GEMV_ROWS`` (2) for thresholded linears, 8 for ReLU inputs (skip_zeros)."""
+        if rows is not None and not (isinstance(rows, int) and 0 <= rows <= MAX_GEMV_ROWS):
+            raise ActsparseError(f"max GEMV rows must be an integer in 0..{MAX_GEMV_ROWS}, got {rows!r}")
+        for _, lin, _ in self.block_linears():
+            default = MAX_GEMV_ROWS if lin.skip_zeros else TEAL_MAX_GEMV_ROWS
+            lin.max_gemv_rows = default if rows is None else rows
         return self
 
     def set_act_boundary_(self, on: bool = True) -> "Transformer":

@@ -59,7 +59,8 @@ def _decode_attn_kernel(
     IEEE: tl.constexpr,
     GC: tl.constexpr,  # G rounded up to a power of two (the merge's rows)
     CH: tl.constexpr,  # blocks merged per step
-    USE_PDL: tl.constexpr = False,  # programmatic dependent launch (sparse_gemv.set_pdl_default)
+    USE_PDL: tl.constexpr,  # programmatic dependent launch (sparse_gemv.set_pdl_default); always passed:
+    # Inductor's wrapper of user kernels does not fill in constexpr defaults
 ):
     _pdl_prologue(USE_PDL)  # with PDL: wait for the qkv GEMV, then let the o GEMV's launch start
     pid_bh = tl.program_id(0)
@@ -200,7 +201,7 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
     cos = cos.reshape(-1, head_dim)[-1].float().contiguous()
     sin = sin.reshape(-1, head_dim)[-1].float().contiguous()
     mask = mask.reshape(-1, S)[-1].contiguous()
-    consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=BLOCK_S)
+    consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=BLOCK_S, USE_PDL=False)
     if _PDL_DEFAULT[0] and _pdl_supported(dev):  # off by default, like the sparse GEMVs' PDL
         consts.update(USE_PDL=True, launch_pdl=True)
     _launcher(_decode_attn_kernel)[(B * n_kv_head, nsplit)](
