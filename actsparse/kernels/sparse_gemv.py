@@ -495,9 +495,9 @@ class GemvConfig:
     chunk: int = 512  # compacting variant: rows per compaction step (2048 measured slower)
     prefetch: bool = False  # compacting variant, B = 1: overlap the compaction steps' x loads
     tile_sum: bool = False  # compacting variant, B = 1: reduce each tile at once (taller tiles fit)
-    # Cap on registers per thread (None: the compiler's choice). The shipped tiles compile to
-    # 243-255 registers with 4 warps (local sm_90 compile, Triton 3.6), so only 2 programs fit an
-    # SM by registers; 128 lets 4 fit (with spills on some tiles). For sweeps; not yet measured.
+    # Cap on registers per thread (None: the compiler's choice). A launch option for sweeps: the
+    # shipped B=1 tile already runs at 128 registers on an H100 (4 programs per SM, Nsight
+    # Compute), and capping the others gained nothing (docs/RESULTS.md, "Register footprint").
     maxnreg: Optional[int] = None
 
     def __post_init__(self):
