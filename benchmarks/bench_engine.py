@@ -543,6 +543,7 @@ def main(argv=None) -> dict:
                     set_pdl_default(True)
                     try:
                         gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
+                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_pdl")
                         for s in (args.batch_sparsity, max(sparsities)):
                             model.set_thresholds_(thresholds_by_s[s])
                             rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)

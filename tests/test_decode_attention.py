@@ -101,6 +101,19 @@ def test_blocks_beyond_position_are_never_read():
     assert torch.equal(y, y_ref)
 
 
+def test_rows_the_mask_drops_do_not_matter():
+    """Rows before a sliding window are read with the block (one round trip) but must not count:
+    NaN there leaves the result unchanged, also in the block that holds the window's start."""
+    pos, window = 2 * BLOCK_S + 9, BLOCK_S + 20  # the window starts inside the second block
+    qkv, cos, sin, mask, input_pos, k_cache, v_cache = make_case(1, 4, 2, 32, 3 * BLOCK_S, pos, torch.float32,
+                                                                 seed=4, window=window)
+    y_ref = decode_attention(qkv, cos, sin, mask, input_pos, k_cache.clone(), v_cache.clone(), 4, 2, 32)
+    k_cache[:, :, : pos - window + 1] = float("nan")
+    v_cache[:, :, : pos - window + 1] = float("nan")
+    y = decode_attention(qkv, cos, sin, mask, input_pos, k_cache, v_cache, 4, 2, 32)
+    assert torch.equal(y, y_ref)
+
+
 def test_bad_inputs():
     qkv, cos, sin, mask, input_pos, k_cache, v_cache = make_case(1, 4, 2, 16, 32, 3, torch.float32, seed=2)
     with pytest.raises(ValueError, match="qkv"):

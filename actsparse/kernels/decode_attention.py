@@ -92,13 +92,17 @@ def _decode_attn_kernel(
         offs_s = start + tl.arange(0, BLOCK_S)
         s_mask = offs_s < S
         is_new = offs_s == pos
-        attend = (tl.load(mask_ptr + offs_s, mask=s_mask, other=0) != 0) & s_mask
+        # The cache rows are read under the causal bound alone, not the mask, so that their loads
+        # go out together with the mask's, q's and the new row's (one round trip, not two); rows past
+        # the position are never read. Rows the mask drops (a sliding window) are read, scored
+        # -inf and zeroed.
+        attend = (tl.load(mask_ptr + offs_s, mask=s_mask, other=0) != 0) & s_mask & (offs_s <= pos)
         cache = b * stride_kb + h * stride_kh + offs_s[:, None] * D + offs_d[None, :]
-        sd_mask = (attend & ~is_new)[:, None] & d_mask[None, :]  # rows not attended are never read
+        sd_mask = (s_mask & (offs_s < pos))[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + cache, mask=sd_mask, other=0.0)
         v = tl.load(v_ptr + cache, mask=sd_mask, other=0.0)
         k = tl.where(is_new[:, None], k_new[None, :], k)  # [BLOCK_S, D_PAD]
-        v = tl.where(is_new[:, None], v_new[None, :], v)
+        v = tl.where(is_new[:, None], v_new[None, :], tl.where(attend[:, None], v, 0.0))
         if pos < start + BLOCK_S:  # this block holds the current position: write its cache row
             tl.store(k_ptr + b * stride_kb + h * stride_kh + pos * D + offs_d, k_new, mask=d_mask)
             tl.store(v_ptr + b * stride_kb + h * stride_kh + pos * D + offs_d, v_new, mask=d_mask)
@@ -140,25 +144,26 @@ def _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb,
     offs_c = tl.arange(0, CH)
     offs_g = tl.arange(0, GC)
     offs_d = tl.arange(0, D_PAD)
+    # One pass with online rescaling: every partial of a step (max, sum, P.V) is loaded at once, so
+    # caches of up to CH blocks cost one round trip.
     m_all = tl.full([GC], float("-inf"), tl.float32)
+    l_all = tl.zeros([GC], dtype=tl.float32)
+    y = tl.zeros([GC, D_PAD], dtype=tl.float32)
     for c in range(0, NSPLIT, CH):
         blk = c + offs_c
         valid = (blk < used)[:, None] & (offs_g < G)[None, :]  # [CH, GC]
         ws = (pid_bh * NSPLIT + blk)[:, None] * G_PAD + offs_g[None, :]
         m_c = tl.load(m_ptr + ws, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        m_all = tl.maximum(m_all, tl.max(m_c, axis=0))
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros([GC], dtype=tl.float32)
-    y = tl.zeros([GC, D_PAD], dtype=tl.float32)
-    for c in range(0, NSPLIT, CH):
-        blk = c + offs_c
-        valid = (blk < used)[:, None] & (offs_g < G)[None, :]
-        ws = (pid_bh * NSPLIT + blk)[:, None] * G_PAD + offs_g[None, :]
-        w = tl.exp(tl.load(m_ptr + ws, mask=valid, other=float("-inf"), cache_modifier=".cg") - m_all[None, :])
-        l_all += tl.sum(w * tl.load(l_ptr + ws, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
+        l_c = tl.load(l_ptr + ws, mask=valid, other=0.0, cache_modifier=".cg")
         a = tl.load(acc_ptr + ws[:, :, None] * D_PAD + offs_d[None, None, :], mask=valid[:, :, None], other=0.0,
                     cache_modifier=".cg")  # [CH, GC, D_PAD]
-        y += tl.sum(w[:, :, None] * a, axis=0)
+        m_new = tl.maximum(m_all, tl.max(m_c, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet (or padding)
+        alpha = tl.exp(m_all - m_ref)  # exp(-inf) = 0 on the first step
+        w = tl.exp(m_c - m_ref[None, :])
+        l_all = l_all * alpha + tl.sum(w * l_c, axis=0)
+        y = y * alpha[:, None] + tl.sum(w[:, :, None] * a, axis=0)
+        m_all = m_new
     y = y / tl.where(l_all > 0, l_all, 1.0)[:, None]  # l_all = 0 only on padding rows (g >= G)
     out = y_ptr + b * stride_yb + (h * G + offs_g)[:, None] * D + offs_d[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
@@ -226,7 +231,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ma
     """Attention of one new token per sequence: -> y [B, n_head * head_dim] in qkv's dtype.
 
     qkv: [B, (n_head + 2 n_kv_head) * head_dim] (q heads, then k heads, then v heads, before RoPE);
-    cos, sin: [..., head_dim] at the token's position; mask: [..., S] bool (True = attend);
+    cos, sin: [..., head_dim] at the token's position; mask: [..., S] bool (True = attend; positions
+    past input_pos are never attended, whatever the mask says);
     input_pos: [1] int64; k_cache, v_cache: [>= B, n_kv_head, S, head_dim], updated in place at
     input_pos with the RoPE'd key and the value. counts: int32 zeros [>= B * n_kv_head], the
     launch's arrival counters, left zero again (pass a persistent one, e.g. the engine's KV cache
