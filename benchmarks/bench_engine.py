@@ -36,6 +36,12 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _pdl_default() -> bool:
+    from actsparse.kernels.sparse_gemv import pdl_default  # noqa: PLC0415
+
+    return pdl_default()
+
+
 def git_commit() -> str:
     from benchmarks.common import git_commit as common_git_commit  # noqa: PLC0415
 
@@ -315,9 +321,10 @@ def main(argv=None) -> dict:
     p.add_argument("--compare-fused-prologue", action="store_true",
                    help="also time sparse B=1 at every sparsity with the other Transformer.set_fused_prologue_ "
                         "setting (norms and act(gate) * up inside the sparse kernels, or as separate kernels)")
-    p.add_argument("--pdl", action="store_true",
-                   help="also time sparse B=1 at the batch sparsity and the highest one with the sparse GEMVs "
-                        "and the decode attention launched with programmatic dependent launch")
+    p.add_argument("--compare-pdl", "--pdl", dest="pdl", action="store_true",
+                   help="also time sparse B=1 at the batch sparsity and the highest one with programmatic "
+                        "dependent launch of the sparse GEMVs and the decode attention switched to the other "
+                        "setting than the default (sparse_gemv.set_pdl_default; on by default)")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)
@@ -341,7 +348,7 @@ def main(argv=None) -> dict:
         "benchmark": "bench_engine", "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
         "prompt_len": T, "new_tokens": N, "gpu": torch.cuda.get_device_name() if on_cuda else "cpu",
         "torch": torch.__version__, "triton": None, "transformers": None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(), "pdl_default": _pdl_default(),
         "errors": [],
     }
     try:
@@ -535,25 +542,28 @@ def main(argv=None) -> dict:
                     finally:
                         setter("auto")
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                if args.pdl:  # same thresholds, sparse_gemv launched with programmatic dependent launch
+                if args.pdl:  # same thresholds, PDL switched to the other setting than the default
                     gen = None
                     gc.collect()
-                    from actsparse.kernels.sparse_gemv import set_pdl_default
+                    from actsparse.kernels.sparse_gemv import pdl_default, set_pdl_default
 
-                    set_pdl_default(True)
+                    default = pdl_default()
+                    name = "nopdl" if default else "pdl"
+                    set_pdl_default(not default)
                     try:
                         gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
-                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_pdl")
+                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_" + name)
                         for s in (args.batch_sparsity, max(sparsities)):
                             model.set_thresholds_(thresholds_by_s[s])
                             rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
-                            result.setdefault("sparse_pdl_by_s", {})[str(s)] = {
+                            result.setdefault(f"sparse_{name}_by_s", {})[str(s)] = {
                                 "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
-                            log(f"sparse B=1 s={s} with PDL: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
+                            log(f"sparse B=1 s={s} {'without' if default else 'with'} PDL: {rate:7.1f} tok/s "
+                                f"({rate / dense_rate[1]:.3f}x dense)")
                     except Exception:
-                        record_error("sparse with PDL")
+                        record_error(f"sparse {name}")
                     finally:
-                        set_pdl_default(False)
+                        set_pdl_default(default)
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
             del gen
     except Exception:

@@ -78,6 +78,9 @@ def env_header() -> dict:
         )
     else:
         info["gpu"] = None
+    from actsparse.kernels.sparse_gemv import pdl_default  # noqa: PLC0415
+
+    info["pdl_default"] = pdl_default()  # launch form of every default-config kernel call
     return info
 
 

@@ -148,14 +148,15 @@ def test_decode_attention_kernels_native(case):
     assert err < 2e-2
     assert torch.equal(v_cache, v_ref)
     assert rel_err(k_cache, k_ref) < 1e-2
-    from actsparse.kernels.sparse_gemv import set_pdl_default
+    from actsparse.kernels.sparse_gemv import pdl_default, set_pdl_default
 
-    set_pdl_default(True)  # the same kernel launched with programmatic dependent launch
+    default = pdl_default()
+    set_pdl_default(not default)  # the same kernel with programmatic dependent launch switched over
     try:
         assert torch.equal(decode_attention(*args, k_cache, v_cache, H, Hkv, D, counts=counts), out)
         assert not counts.any()
     finally:
-        set_pdl_default(False)
+        set_pdl_default(default)
 
 
 @pytest.mark.parametrize("B", [1, 4])

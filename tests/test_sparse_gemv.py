@@ -241,14 +241,28 @@ def test_tuned_configs(tmp_path):
                                 "batched": {"block_k": 16, "block_n": 128}}))
     try:
         sg.load_tuned_configs(str(path))
-        assert pick_config(4096, 4096, 1) == GemvConfig(64, 256, num_warps=8, compact=True)
-        assert pick_config(4096, 4096, 4) == GemvConfig(16, 128)
+        pdl = sg.pdl_default()  # the launch form rides along (on by default, inert off Hopper)
+        assert pick_config(4096, 4096, 1) == GemvConfig(64, 256, num_warps=8, compact=True, pdl=pdl)
+        assert pick_config(4096, 4096, 4) == GemvConfig(16, 128, pdl=pdl)
         assert pick_config(20, 40, 1).block_k == 32  # still clamped to the problem
         x, w_t, thresholds = make_case(200, 300, 1, 0.5, torch.bfloat16, seed=5)
         assert rel_err(run_poisoned(x, w_t, thresholds), exact(x, w_t, thresholds)) < TOL[torch.bfloat16]
     finally:
         sg.set_tuned_configs()
     assert pick_config(4096, 4096, 1).compact
+
+
+def test_pdl_default_rides_on_picked_configs(monkeypatch):
+    """PDL is on by default (ACTSPARSE_GEMV_PDL=0 turns it off) and reaches every picked config."""
+    assert sg.pdl_default() == (os.environ.get("ACTSPARSE_GEMV_PDL", "1") == "1")
+    default = sg.pdl_default()
+    try:
+        sg.set_pdl_default(True)
+        assert pick_config(4096, 4096, 1).pdl and pick_config(4096, 28672, 4).pdl
+        sg.set_pdl_default(False)
+        assert not pick_config(4096, 4096, 1).pdl and not pick_config(4096, 28672, 4).pdl
+    finally:
+        sg.set_pdl_default(default)
 
 
 ADD_CASES = [  # (K, N, B, sparsity%, dtype, config): odd shapes, split-K and single-split programs
