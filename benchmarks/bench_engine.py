@@ -348,7 +348,7 @@ def main(argv=None) -> dict:
         "benchmark": "bench_engine", "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
         "prompt_len": T, "new_tokens": N, "gpu": torch.cuda.get_device_name() if on_cuda else "cpu",
         "torch": torch.__version__, "triton": None, "transformers": None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(), "pdl_default": _pdl_default(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
         "errors": [],
     }
     try:
@@ -584,6 +584,7 @@ def main(argv=None) -> dict:
         "sparse_s0_slowdown_pct<=3": 100 * (1 - s0["speedup_vs_dense"]) if s0 else None,
     }
     result["total_s"] = time.perf_counter() - t_start
+    result["pdl_default"] = _pdl_default()
 
     log("")
     log(f"{'config':<24}{'tok/s':>10}{'vs dense':>10}{'% bound':>10}")
