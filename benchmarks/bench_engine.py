@@ -507,7 +507,7 @@ def main(argv=None) -> dict:
                 model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
                 try:
                     result["sparse_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
-                    levels = {s: thresholds_by_s[s] for s in (0.0, args.batch_sparsity)}
+                    levels = {s: thresholds_by_s[s] for s in (0.0, args.batch_sparsity) if s in thresholds_by_s}
                     result["linear_profile_layer0"] = profile_linears(
                         model, gen._record_inputs(calib[:, :T]), levels, device)
                 except Exception:

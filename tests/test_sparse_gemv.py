@@ -417,3 +417,20 @@ def test_maxnreg_config():
         GemvConfig(64, 128, compact=True, maxnreg=300)
     x, w_t, thresholds = make_case(300, 200, 1, 0.5, torch.bfloat16, seed=37)
     assert rel_err(run_poisoned(x, w_t, thresholds, config=cfg), exact(x, w_t, thresholds)) < TOL[torch.bfloat16]
+
+
+def test_pdl_is_left_out_while_inductor_traces(monkeypatch):
+    """PDL's inline PTX defeats Inductor's mutation analysis of user kernels, so a launch whose
+    arguments are fake or functional tensors (Inductor tracing the custom op) is built without it;
+    real launches on Hopper+ keep it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(sg, "_interpreting", lambda: False)
+    monkeypatch.setattr(sg, "_cuda_capability", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert sg._pdl_supported(cuda, probe=torch.zeros(2))
+    with FakeTensorMode():
+        fake = torch.empty(2)
+    assert not sg._pdl_supported(cuda, probe=fake)
+    monkeypatch.setattr(sg, "_cuda_capability", lambda index: (8, 0))
+    assert not sg._pdl_supported(cuda, probe=torch.zeros(2))

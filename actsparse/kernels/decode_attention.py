@@ -207,11 +207,9 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
     sin = sin.reshape(-1, head_dim)[-1].float().contiguous()
     mask = mask.reshape(-1, S)[-1].contiguous()
     consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=BLOCK_S, USE_PDL=False)
-    # PDL as the sparse GEMVs have it (set_pdl_default), but only in eager launches (CUDA-graph
-    # capture included): traced by Inductor, the kernel's inline PTX defeats Inductor's mutation
-    # analysis ("ttir analysis hit an op we do not know how to analyze"), and one H100 run then
-    # compiled 8 extra copy kernels per layer around the call (docs/RESULTS.md, f4ab2f1).
-    if _PDL_DEFAULT[0] and _pdl_supported(dev) and not torch.compiler.is_compiling():
+    # PDL as the sparse GEMVs have it (set_pdl_default); not while Inductor traces the op (see
+    # _pdl_supported: the inline PTX would defeat its mutation analysis)
+    if _PDL_DEFAULT[0] and _pdl_supported(dev, probe=qkv):
         consts.update(USE_PDL=True, launch_pdl=True)
     _launcher(_decode_attn_kernel)[(B * n_kv_head, nsplit)](
         qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc, counts, y,

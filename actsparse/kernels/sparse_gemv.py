@@ -676,12 +676,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs a Hopper-or-newer GPU (not the CPU interpreter)."""
+def _pdl_supported(device: torch.device, probe: Optional[torch.Tensor] = None) -> bool:
+    """Programmatic dependent launch needs a Hopper-or-newer GPU (not the CPU interpreter), and a
+    real launch: while Inductor traces a custom op (``probe``, an argument of the call, is then a
+    fake or functional tensor) the kernel is built without it, since its inline PTX defeats
+    Inductor's mutation analysis of user kernels ("ttir analysis hit an op we do not know how to
+    analyze"), which then copies the mutated arguments around every call: on an H100 the engine's
+    compiled step grew from 174 to 430 kernels and lost 6% (docs/RESULTS.md)."""
     if device.type != "cuda" or _interpreting():
+        return False
+    if probe is not None and (torch.compiler.is_compiling() or isinstance(probe, _TRACED_TENSORS)):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_capability(index)[0] >= 9
+
+
+def _traced_tensor_types() -> tuple:
+    from torch._subclasses.fake_tensor import FakeTensor  # noqa: PLC0415
+    from torch._subclasses.functional_tensor import FunctionalTensor  # noqa: PLC0415
+
+    return (FakeTensor, FunctionalTensor)
+
+
+_TRACED_TENSORS = _traced_tensor_types()
 
 
 @functools.lru_cache(maxsize=None)
@@ -832,7 +849,7 @@ def _launch(
     )
     if config.maxnreg is not None and not _interpreting():
         common["maxnreg"] = config.maxnreg
-    if config.pdl and _pdl_supported(x.device):
+    if config.pdl and _pdl_supported(x.device, probe=x):
         common.update(USE_PDL=True, launch_pdl=True)
     if config.compact:
         rows = steps * config.block_k

@@ -653,7 +653,7 @@ def _launch_sparse_down_kept(out, kept: KeptList, w_down_t, config: Optional[Kep
     splits = max(1, min(triton.cdiv(f, cfg.block_k), cfg.programs_per_sm * _sm_count(out.device) // grid_n))
     kernel = _sparse_down_kept_kernel if kernel_runner is None else kernel_runner(_sparse_down_kept_kernel)
     extra = {}
-    use_pdl = cfg.pdl and _pdl_supported(out.device)
+    use_pdl = cfg.pdl and _pdl_supported(out.device, probe=out)
     if use_pdl:
         extra["launch_pdl"] = True
     kernel[(grid_n, splits)](
