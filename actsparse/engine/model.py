@@ -333,16 +333,20 @@ class Linear(nn.Module):
 
     def _gemv_rows(self, x: torch.Tensor) -> bool:
         """Sparse mode: x [..., K] goes to a sparse GEMV (kernel or its reference), not to a dense
-        product (all thresholds <= 0, or a prompt under prefill_dense) or a masked matmul (> 8 rows)."""
-        prompt = self.prefill_dense and x.dim() == 3 and x.shape[1] > 1
-        return not (prompt or self.keeps_all) and x.numel() // x.shape[-1] <= self.max_gemv_rows
+        product (all thresholds <= 0, or a prompt under prefill_dense) or a masked matmul (more
+        than max_gemv_rows rows)."""
+        return not (self._dense_prompt(x) or self.keeps_all) and x.numel() // x.shape[-1] <= self.max_gemv_rows
+
+    def _dense_prompt(self, x: torch.Tensor) -> bool:
+        """A multi-token (prompt) input that prefill_dense keeps unmasked."""
+        return self.prefill_dense and x.dim() == 3 and x.shape[1] > 1
 
     def _matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Sparse mode, inputs that do not go to a GEMV (prompts, batches above max_gemv_rows):
         the dense product of the masked input (or of the input itself for prompts under
         prefill_dense, and where every threshold is <= 0), the same function as the GEMV path."""
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if not ((self.prefill_dense and x.dim() == 3 and x.shape[1] > 1) or self.keeps_all):
+        if not (self._dense_prompt(x) or self.keeps_all):
             x2 = x2 * (x2.abs() > self.thresholds).to(x2.dtype)
         y = self._dense_product(x2)
         if self.bias is not None:
