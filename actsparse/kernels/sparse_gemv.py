@@ -567,9 +567,9 @@ def _clamped(config: GemvConfig, K: int, N: int) -> GemvConfig:
 # attention), PDL gained 1.2-1.9% end to end in H100 engine runs and was neutral on the ReLU
 # engine, but on 2 of the 3 machines that ran with it on, Inductor could not analyse the traced
 # attention kernel's PTX and compiled 8 copy kernels per layer around it (174 -> 430 kernels per
-# step, -6%). Launches that
-# Inductor traces now leave PDL out (_pdl_supported's probe); that guard has not run on a GPU yet,
-# so the default stays off (docs/RESULTS.md). ACTSPARSE_GEMV_PDL=1 turns it on.
+# step, -6%). Launches that Inductor traces now leave PDL out (_pdl_supported's probe); that
+# guard has not run on a GPU yet, so the default stays off (docs/RESULTS.md).
+# ACTSPARSE_GEMV_PDL=1 turns it on.
 _PDL_DEFAULT = [os.environ.get("ACTSPARSE_GEMV_PDL", "0") == "1"]
 
 
