@@ -244,6 +244,11 @@ class Linear(nn.Module):
         return self.backend != "dense"
 
     @property
+    def default_max_gemv_rows(self) -> int:
+        """Decode rows served by the sparse kernels unless set_max_gemv_rows_ says otherwise."""
+        return MAX_GEMV_ROWS if self.skip_zeros else TEAL_MAX_GEMV_ROWS
+
+    @property
     def weight_bytes(self) -> int:
         w = self.weight if self.weight is not None else self.weight_t
         return w.numel() * w.element_size()
@@ -256,7 +261,7 @@ class Linear(nn.Module):
         if backend not in ("torch", "triton"):
             raise ActsparseError(f"unknown sparse backend '{backend}' (choose torch or triton)")
         self.skip_zeros = bool(skip_zeros)
-        self.max_gemv_rows = MAX_GEMV_ROWS if self.skip_zeros else TEAL_MAX_GEMV_ROWS
+        self.max_gemv_rows = self.default_max_gemv_rows
         if not self.sparse:
             w = self.weight if self.weight is not None else self.weight_t
             self.thresholds = torch.zeros(self.in_features, dtype=torch.float32, device=w.device)
@@ -808,11 +813,7 @@ class Transformer(nn.Module):
         every linear sparse (Llama-3-8B shape) +3.6 to +6% tokens/s at s = 0.25-0.7 in two runs,
         -2.5 to -4% at s = 0 (dense linears); with only the MLP sparse (ReLU model, LLaMA-2-7B
         shape, dense attention) it was slower, so "auto" leaves it off there."""
-        if on not in (True, False, "auto"):
-            raise ActsparseError(f"fused residual must be True, False or 'auto', got {on!r}")
-        for layer in self.layers:
-            layer.fused_residual = on
-        return self
+        return self._set_block_option_("fused_residual", on)
 
     def set_fused_prologue_(self, on: bool | str = True) -> "Transformer":
         """Let the sparse kernels compute what precedes them (with the fused residual only): the
@@ -822,10 +823,14 @@ class Transformer(nn.Module):
         decode step. The same function as the unfused block, up to rounding. Linears that cannot
         fuse (dense, the reference backend, prompts) apply the prologue in PyTorch ops.
         "auto" (the default): on wherever the fused residual is on."""
+        return self._set_block_option_("fused_prologue", on)
+
+    def _set_block_option_(self, name: str, on: bool | str) -> "Transformer":
+        """Set a Block's True / False / "auto" option (``fused_residual``, ``fused_prologue``)."""
         if on not in (True, False, "auto"):
-            raise ActsparseError(f"fused prologue must be True, False or 'auto', got {on!r}")
+            raise ActsparseError(f"{name.replace('_', ' ')} must be True, False or 'auto', got {on!r}")
         for layer in self.layers:
-            layer.fused_prologue = on
+            setattr(layer, name, on)
         return self
 
     def set_max_gemv_rows_(self, rows: int | None = None) -> "Transformer":
@@ -835,8 +840,7 @@ class Transformer(nn.Module):
         if rows is not None and not (isinstance(rows, int) and 0 <= rows <= MAX_GEMV_ROWS):
             raise ActsparseError(f"max GEMV rows must be an integer in 0..{MAX_GEMV_ROWS}, got {rows!r}")
         for _, lin, _ in self.block_linears():
-            default = MAX_GEMV_ROWS if lin.skip_zeros else TEAL_MAX_GEMV_ROWS
-            lin.max_gemv_rows = default if rows is None else rows
+            lin.max_gemv_rows = lin.default_max_gemv_rows if rows is None else rows
         return self
 
     def set_act_boundary_(self, on: bool = True) -> "Transformer":
