@@ -385,6 +385,22 @@ def test_input_prologue_matches_reference(pre, K, N, B, s, dtype):
         assert rel_err(sparse_gemv(x, w_t, None, **kw), xin.float() @ w_t.float()) < tol
 
 
+@pytest.mark.parametrize("pre", ["rmsnorm", "silu"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["chunk-by-chunk", "prefetch"])
+def test_input_prologue_over_many_chunks(pre, prefetch):
+    """B = 1 with the prologue over many compaction chunks, both load orders: the first chunk's
+    loads go out before the RMSNorm scale is known, later ones either a chunk ahead (prefetch) or
+    after the previous chunk is ranked. fp32, so any wrong scale, order or chunk is far off."""
+    config = GemvConfig(16, 64, programs_per_sm=1, compact=True, chunk=16, prefetch=prefetch)
+    x, w_t, thresholds, kw = prologue_case(577, 301, 1, 0.6, torch.float32, pre, seed=43)
+    ref = exact(sg.apply_input_prologue(x, torch.float32, **kw), w_t, thresholds)
+    y = sg._sparse_gemv_impl(x, w_t, thresholds, out=torch.full((1, 301), float("nan")), config=config, **kw)
+    assert rel_err(y, ref) < 1e-5
+    acc = torch.zeros(1, 301)
+    sg._sparse_gemv_add_impl(acc, x, w_t, thresholds, config=config, **kw)
+    assert rel_err(acc, ref) < 1e-5
+
+
 def test_input_prologue_batch_fallback_and_errors():
     x, w_t, thresholds, kw = prologue_case(130, 70, 11, 0.5, torch.bfloat16, "rmsnorm", seed=41)  # B > 8
     ref = exact(sg.apply_input_prologue(x, torch.bfloat16, **kw), w_t, thresholds)

@@ -291,22 +291,41 @@ def _rms_scale(x_ptr, stride_xb, K, eps, offs_b, b_mask, B_PAD: tl.constexpr, R_
 
 
 @triton.jit
+def _x_raw(x_ptr, row_off, cols, mask, nw_ptr, K, PRE: tl.constexpr):
+    """The loads behind _x_vals, issued apart from its arithmetic (so that they can go out before
+    the RMSNorm scale is known): PRE_RMSNORM (x, norm weight), PRE_SILU_MUL (gate, up), else (x, x)."""
+    if PRE == 1:  # PRE_RMSNORM (Triton kernels read no plain module globals, hence the literals)
+        a = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(nw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    elif PRE == 2:  # PRE_SILU_MUL
+        a = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + row_off + K + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        a = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0)
+        b = a
+    return a, b
+
+
+@triton.jit
+def _x_finish(a, b, rs, PRE: tl.constexpr, XT: tl.constexpr):
+    """_x_vals' arithmetic on _x_raw's loads."""
+    if PRE == 1:
+        return (b * (a * rs).to(XT).to(tl.float32)).to(XT)
+    elif PRE == 2:
+        act = (a / (1.0 + tl.exp(-a))).to(XT).to(tl.float32)
+        return (act * b).to(XT)
+    else:
+        return a
+
+
+@triton.jit
 def _x_vals(x_ptr, row_off, cols, mask, rs, nw_ptr, K, PRE: tl.constexpr, XT: tl.constexpr):
     """The GEMV input at x_ptr + row_off + cols, after the input prologue, in the weights' dtype XT
     (rounded as the eager PyTorch ops round it):
     PRE_NONE: x itself. PRE_RMSNORM: nw * (x * rs).to(XT) (x: the norm's input, any float dtype;
     rs: the row's rsqrt scale). PRE_SILU_MUL: silu(gate) * up with gate = x[k], up = x[K + k]."""
-    if PRE == 1:  # PRE_RMSNORM (Triton kernels read no plain module globals, hence the literals)
-        r = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-        nw = tl.load(nw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        return (nw * (r * rs).to(XT).to(tl.float32)).to(XT)
-    elif PRE == 2:  # PRE_SILU_MUL
-        g = tl.load(x_ptr + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + row_off + K + cols, mask=mask, other=0.0).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(XT).to(tl.float32)
-        return (act * u).to(XT)
-    else:
-        return tl.load(x_ptr + row_off + cols, mask=mask, other=0.0)
+    a, b = _x_raw(x_ptr, row_off, cols, mask, nw_ptr, K, PRE)
+    return _x_finish(a, b, rs, PRE, XT)
 
 
 @triton.jit
@@ -396,41 +415,48 @@ def _sparse_gemv_compact_kernel(
     # pid_k write the same indices to it (same inputs, same order), so their writes agree.
     scratch = idx_ptr + k_lo
     XT = w_ptr.dtype.element_ty
-    if PRE == 1:  # PRE_RMSNORM: every program reduces the whole row to its scale (an L2 read of x)
-        rs = _rms_scale(x_ptr, stride_xb, K, eps, offs_b, b_mask, B_PAD, R_BLOCK, R_STEPS)  # [B_PAD]
-    else:
-        rs = tl.zeros([B_PAD], dtype=tl.float32)
-    if USE_DOT:
-        rs_t = rs  # [B_PAD]: one scale per batch row
-        rs0 = 0.0
-    else:
-        rs0 = tl.sum(rs, axis=0)  # B = 1 (FMA path): the one row's scale
-        rs_t = rs0
-
     # Pass 1: compaction. cnt = kept rows so far; kept row r goes to scratch[cnt + rank].
     offs_c = tl.arange(0, CHUNK)
     cnt = tl.zeros([], dtype=tl.int32)
-    if PREFETCH and not USE_DOT:
-        # B = 1: chunk c + 1's x and thresholds are requested before chunk c is ranked, so a
-        # range of several chunks costs one memory round trip instead of one per chunk.
+    if not USE_DOT:
+        # B = 1. The first chunk's loads (x, thresholds, the norm weight) go out before the RMSNorm
+        # scale's read of the whole row, so both cost one memory round trip, not two.
         in_n = (offs_c < ROWS) & (k_lo + offs_c < K)
-        x_n = _x_vals(x_ptr, 0, k_lo + offs_c, in_n, rs0, nw_ptr, K, PRE, XT)
+        a_n, b_n = _x_raw(x_ptr, 0, k_lo + offs_c, in_n, nw_ptr, K, PRE)
         if HAS_THRESHOLDS:
             thr_n = tl.load(thr_ptr + k_lo + offs_c, mask=in_n, other=0.0)
         else:
             thr_n = tl.zeros([CHUNK], dtype=tl.float32)
+        if PRE == 1:  # PRE_RMSNORM: every program reduces the whole row to its scale (an L2 read of x)
+            rs0 = tl.sum(_rms_scale(x_ptr, stride_xb, K, eps, offs_b, b_mask, B_PAD, R_BLOCK, R_STEPS), axis=0)
+        else:
+            rs0 = 0.0
+        rs_t = rs0
         for c in range(0, ROWS, CHUNK):
             rows = k_lo + c + offs_c
             in_r = ((c + offs_c) < ROWS) & (rows < K)
-            x_c = x_n
+            a_c = a_n
+            b_c = b_n
             thr = thr_n
             in_n = ((c + CHUNK + offs_c) < ROWS) & (rows + CHUNK < K)
-            x_n = _x_vals(x_ptr, 0, rows + CHUNK, in_n, rs0, nw_ptr, K, PRE, XT)
-            if HAS_THRESHOLDS:
-                thr_n = tl.load(thr_ptr + rows + CHUNK, mask=in_n, other=0.0)
+            if PREFETCH:
+                # chunk c + 1's loads are requested before chunk c is ranked, so a range of several
+                # chunks costs one memory round trip instead of one per chunk
+                a_n, b_n = _x_raw(x_ptr, 0, rows + CHUNK, in_n, nw_ptr, K, PRE)
+                if HAS_THRESHOLDS:
+                    thr_n = tl.load(thr_ptr + rows + CHUNK, mask=in_n, other=0.0)
+            x_c = _x_finish(a_c, b_c, rs0, PRE, XT)
             active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
             cnt = _list_kept(active, rows, scratch, cnt)
+            if not PREFETCH:
+                a_n, b_n = _x_raw(x_ptr, 0, rows + CHUNK, in_n, nw_ptr, K, PRE)
+                if HAS_THRESHOLDS:
+                    thr_n = tl.load(thr_ptr + rows + CHUNK, mask=in_n, other=0.0)
     else:
+        if PRE == 1:  # PRE_RMSNORM: one scale per batch row
+            rs_t = _rms_scale(x_ptr, stride_xb, K, eps, offs_b, b_mask, B_PAD, R_BLOCK, R_STEPS)  # [B_PAD]
+        else:
+            rs_t = tl.zeros([B_PAD], dtype=tl.float32)
         for c in range(0, ROWS, CHUNK):
             rows = k_lo + c + offs_c
             in_r = ((c + offs_c) < ROWS) & (rows < K)
@@ -438,16 +464,12 @@ def _sparse_gemv_compact_kernel(
                 thr = tl.load(thr_ptr + rows, mask=in_r, other=0.0)
             else:
                 thr = tl.zeros([CHUNK], dtype=tl.float32)
-            if USE_DOT:
-                active = tl.zeros([CHUNK], dtype=tl.int32)
-                for b in tl.static_range(X_ROWS):
-                    rs_b = tl.sum(tl.where(offs_b == b, rs, 0.0), axis=0)
-                    x_b = _x_vals(x_ptr, b * stride_xb, rows, in_r & (b < B), rs_b, nw_ptr, K, PRE, XT)
-                    keep_b = (tl.abs(x_b.to(tl.float32)) > thr) & in_r & (b < B)
-                    active = tl.maximum(active, keep_b.to(tl.int32))
-            else:
-                x_c = _x_vals(x_ptr, 0, rows, in_r, rs0, nw_ptr, K, PRE, XT)
-                active = ((tl.abs(x_c.to(tl.float32)) > thr) & in_r).to(tl.int32)
+            active = tl.zeros([CHUNK], dtype=tl.int32)
+            for b in tl.static_range(X_ROWS):
+                rs_b = tl.sum(tl.where(offs_b == b, rs_t, 0.0), axis=0)
+                x_b = _x_vals(x_ptr, b * stride_xb, rows, in_r & (b < B), rs_b, nw_ptr, K, PRE, XT)
+                keep_b = (tl.abs(x_b.to(tl.float32)) > thr) & in_r & (b < B)
+                active = tl.maximum(active, keep_b.to(tl.int32))
             cnt = _list_kept(active, rows, scratch, cnt)
     tl.debug_barrier()  # the CTA's index stores are visible to all of its threads
 
