@@ -64,12 +64,16 @@ def fused(layer, cos, sin, mask, input_pos, B):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="time the fused kernel only, for every BLOCK_S x NUM_WARPS launch shape (B=1)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode_attention needs a CUDA GPU", file=sys.stderr)
         return 2
     doc = {"benchmark": "decode_attention", **env_header(), "command": "python " + " ".join(sys.argv),
            "heads": {"n_head": H, "n_kv_head": HKV, "head_dim": D}, "rows": [], "gate_failed": []}
+    if args.sweep:
+        return sweep(doc, args.out)
     for B, S, positions in ((1, 384, (127, 255, 383)), (4, 384, (255,)), (1, 4096, (1023, 4095))):
         for pos in positions:
             layers, cos, sin, mask, input_pos = make_layers(B, S, pos, seed=pos + B)
@@ -102,6 +106,47 @@ def main(argv=None) -> int:
         "rows": [[r["B"], r["S"], r["pos"], r["us_per_layer"]["plain"], r["us_per_layer"]["plain_compiled"],
                   r["us_per_layer"]["fused"], r["speedup_vs_compiled"]]
                  for r in doc["rows"]]})
+    return 1 if doc["gate_failed"] else 0
+
+
+def sweep(doc: dict, out) -> int:
+    """The fused kernel's launch shape: positions per program (BLOCK_S) and warps per program, each
+    gated against the reference on the same inputs, then timed like the main table."""
+    import actsparse.kernels.decode_attention as da
+
+    default = (da.BLOCK_S, da.NUM_WARPS)
+    doc["sweep"] = []
+    try:
+        for S, pos in ((384, 127), (384, 383), (4096, 1023)):
+            layers, cos, sin, mask, input_pos = make_layers(1, S, pos, seed=pos)
+            l0 = layers[0]
+            ref = decode_attention_reference(l0["qkv"], cos, sin, mask, input_pos, l0["k"].clone(), l0["v"].clone(),
+                                             H, HKV, D)
+            row = {"S": S, "pos": pos, "us": {}, "default": f"{default[0]}x{default[1]}"}
+            for block_s in (16, 32, 64, 128):
+                for warps in (2, 4, 8):
+                    da.BLOCK_S, da.NUM_WARPS = block_s, warps
+                    key = f"{block_s}x{warps}"
+                    out_ = fused({**l0, "k": l0["k"].clone(), "v": l0["v"].clone()}, cos, sin, mask, input_pos, 1)
+                    err = ((out_.double() - ref.double()).norm() / ref.double().norm()).item()
+                    if not err < 2e-2:
+                        doc["gate_failed"].append({"S": S, "pos": pos, "launch": key, "rel_err": err})
+                        continue
+                    row["us"][key] = round(graph_time_us([lambda layer=layer: fused(layer, cos, sin, mask, input_pos, 1)
+                                                          for layer in layers]), 2)
+            best = min(row["us"], key=row["us"].get)
+            row["best"] = best
+            doc["sweep"].append(row)
+            print(f"S={S} pos={pos}: default {row['default']} {row['us'].get(row['default'])} us, best {best} "
+                  f"{row['us'][best]} us; all {row['us']}", flush=True)
+            del layers
+    finally:
+        da.BLOCK_S, da.NUM_WARPS = default
+    if out:
+        save_json(doc, out)
+    print_json_last({k: doc[k] for k in ("benchmark", "date", "commit", "gate_failed")} | {
+        "sweep": [[r["S"], r["pos"], r["default"], r["us"].get(r["default"]), r["best"], r["us"][r["best"]]]
+                  for r in doc["sweep"]]})
     return 1 if doc["gate_failed"] else 0
 
 

@@ -69,6 +69,24 @@ def test_matches_reference(B, H, Hkv, D, S, pos, dtype, window):
     assert not torch.equal(k_out[:B, :, pos], k_cache[:B, :, pos])
 
 
+@pytest.mark.parametrize("block_s,warps", [(16, 2), (32, 8), (128, 4)])
+def test_launch_shapes_match_reference(monkeypatch, block_s, warps):
+    """Other positions per program and warps (the module knobs bench_decode_attention.py --sweep
+    varies): the same result, a sliding window and a multi-step merge included."""
+    import actsparse.kernels.decode_attention as da
+
+    monkeypatch.setattr(da, "BLOCK_S", block_s)
+    monkeypatch.setattr(da, "NUM_WARPS", warps)
+    B, H, Hkv, D, S, pos = 1, 6, 2, 32, 300, 290
+    qkv, cos, sin, mask, input_pos, k_cache, v_cache = make_case(B, H, Hkv, D, S, pos, torch.float32, seed=block_s,
+                                                                 window=200)
+    y_ref = decode_attention_reference(qkv, cos, sin, mask, input_pos, k_cache.clone(), v_cache.clone(), H, Hkv, D)
+    counts = torch.zeros(B * Hkv, dtype=torch.int32)
+    y = decode_attention(qkv, cos, sin, mask, input_pos, k_cache, v_cache, H, Hkv, D, counts=counts)
+    assert rel_err(y, y_ref) < TOL[torch.float32], rel_err(y, y_ref)
+    assert not counts.any()
+
+
 def test_reference_is_plain_attention():
     """The reference itself, against a direct formula: softmax(q k^T / sqrt(D)) v per head, GQA."""
     B, H, Hkv, D, S, pos = 1, 4, 2, 8, 10, 6

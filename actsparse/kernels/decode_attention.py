@@ -32,6 +32,7 @@ from torch.library import triton_op
 from .sparse_gemv import _PDL_DEFAULT, _interpreting, _launcher, _pdl_prologue, _pdl_supported
 
 BLOCK_S = 64  # cached positions per program
+NUM_WARPS = 4  # per program (both read at each launch: bench_decode_attention.py --sweep varies them)
 
 
 @triton.jit
@@ -197,7 +198,8 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
     B, S = qkv.shape[0], k_cache.shape[2]
     G = n_head // n_kv_head
     g_pad, d_pad = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(head_dim))
-    nsplit = triton.cdiv(S, BLOCK_S)
+    block_s = BLOCK_S
+    nsplit = triton.cdiv(S, block_s)
     dev = qkv.device
     m = torch.empty(B * n_kv_head * nsplit * g_pad, dtype=torch.float32, device=dev)
     l_sum = torch.empty_like(m)
@@ -206,7 +208,7 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
     cos = cos.reshape(-1, head_dim)[-1].float().contiguous()
     sin = sin.reshape(-1, head_dim)[-1].float().contiguous()
     mask = mask.reshape(-1, S)[-1].contiguous()
-    consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=BLOCK_S, USE_PDL=False)
+    consts = dict(G=G, D=head_dim, G_PAD=g_pad, D_PAD=d_pad, BLOCK_S=block_s, USE_PDL=False)
     # PDL as the sparse GEMVs have it (set_pdl_default); not while Inductor traces the op (see
     # _pdl_supported: the inline PTX would defeat its mutation analysis)
     if _PDL_DEFAULT[0] and _pdl_supported(dev, probe=qkv):
@@ -215,7 +217,7 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
         qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc, counts, y,
         n_kv_head, S, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), y.stride(0), 1.0 / math.sqrt(head_dim),
         NSPLIT=nsplit, IEEE=qkv.dtype == torch.float32 or _interpreting(), GC=triton.next_power_of_2(G),
-        CH=min(8, triton.next_power_of_2(nsplit)), **consts, num_warps=4)
+        CH=min(8, triton.next_power_of_2(nsplit)), **consts, num_warps=NUM_WARPS)
     return y
 
 
