@@ -60,6 +60,7 @@ def _decode_attn_kernel(
     IEEE: tl.constexpr,
     GC: tl.constexpr,  # G rounded up to a power of two (the merge's rows)
     CH: tl.constexpr,  # blocks merged per step
+    STATIC_LOOP: tl.constexpr,  # the merge runs over all NSPLIT blocks, not the used ones (CPU interpreter)
     USE_PDL: tl.constexpr,  # programmatic dependent launch (sparse_gemv.set_pdl_default); always passed:
     # Inductor's wrapper of user kernels does not fill in constexpr defaults
 ):
@@ -131,40 +132,56 @@ def _decode_attn_kernel(
         used = pos // BLOCK_S + 1  # blocks that hold positions <= pos
         arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel")
         if arrived == used - 1:
-            _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb, NSPLIT, G, D, G_PAD, D_PAD, GC, CH)
+            _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb, NSPLIT, G, D, G_PAD, D_PAD, GC, CH,
+                     STATIC_LOOP)
             tl.atomic_xchg(count_ptr + pid_bh, 0)
+
+
+@triton.jit
+def _merge_step(c, m_all, l_all, y, m_ptr, l_ptr, acc_ptr, pid_bh, used, offs_c, offs_g, offs_d,
+                NSPLIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """Blocks [c, c + CH) of the merge: their partials (max, sum, P.V) loaded at once, folded into
+    the running (m_all, l_all, y) with online rescaling."""
+    blk = c + offs_c
+    valid = (blk < used)[:, None] & (offs_g < G)[None, :]  # [CH, GC]
+    ws = (pid_bh * NSPLIT + blk)[:, None] * G_PAD + offs_g[None, :]
+    m_c = tl.load(m_ptr + ws, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    l_c = tl.load(l_ptr + ws, mask=valid, other=0.0, cache_modifier=".cg")
+    a = tl.load(acc_ptr + ws[:, :, None] * D_PAD + offs_d[None, None, :], mask=valid[:, :, None], other=0.0,
+                cache_modifier=".cg")  # [CH, GC, D_PAD]
+    m_new = tl.maximum(m_all, tl.max(m_c, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet (or padding)
+    alpha = tl.exp(m_all - m_ref)  # exp(-inf) = 0 on the first step
+    w = tl.exp(m_c - m_ref[None, :])
+    l_all = l_all * alpha + tl.sum(w * l_c, axis=0)
+    y = y * alpha[:, None] + tl.sum(w[:, :, None] * a, axis=0)
+    return m_new, l_all, y
 
 
 @triton.jit
 def _combine(m_ptr, l_ptr, acc_ptr, y_ptr, pid_bh, b, h, used, stride_yb,
              NSPLIT: tl.constexpr, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-             GC: tl.constexpr, CH: tl.constexpr):
+             GC: tl.constexpr, CH: tl.constexpr, STATIC_LOOP: tl.constexpr):
     """Merge the softmax partials of blocks [0, used) of one (sequence, kv head) into y, CH blocks
-    per step (their loads in flight together). The partials come from other programs of this
-    launch: read through L2 (".cg"), never L1. GC: G rounded up to a power of two."""
+    per step (their loads in flight together), in one pass with online rescaling: caches of up to
+    CH used blocks cost one round trip. The steps stop at `used`, not at the cache's end (the CPU
+    interpreter takes no tensor loop bound: with STATIC_LOOP it steps over all NSPLIT blocks, the
+    unused ones masked). The partials come from other programs of this launch: read through L2
+    (".cg"), never L1. GC: G rounded up to a power of two."""
     offs_c = tl.arange(0, CH)
     offs_g = tl.arange(0, GC)
     offs_d = tl.arange(0, D_PAD)
-    # One pass with online rescaling: every partial of a step (max, sum, P.V) is loaded at once, so
-    # caches of up to CH blocks cost one round trip.
     m_all = tl.full([GC], float("-inf"), tl.float32)
     l_all = tl.zeros([GC], dtype=tl.float32)
     y = tl.zeros([GC, D_PAD], dtype=tl.float32)
-    for c in range(0, NSPLIT, CH):
-        blk = c + offs_c
-        valid = (blk < used)[:, None] & (offs_g < G)[None, :]  # [CH, GC]
-        ws = (pid_bh * NSPLIT + blk)[:, None] * G_PAD + offs_g[None, :]
-        m_c = tl.load(m_ptr + ws, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        l_c = tl.load(l_ptr + ws, mask=valid, other=0.0, cache_modifier=".cg")
-        a = tl.load(acc_ptr + ws[:, :, None] * D_PAD + offs_d[None, None, :], mask=valid[:, :, None], other=0.0,
-                    cache_modifier=".cg")  # [CH, GC, D_PAD]
-        m_new = tl.maximum(m_all, tl.max(m_c, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet (or padding)
-        alpha = tl.exp(m_all - m_ref)  # exp(-inf) = 0 on the first step
-        w = tl.exp(m_c - m_ref[None, :])
-        l_all = l_all * alpha + tl.sum(w * l_c, axis=0)
-        y = y * alpha[:, None] + tl.sum(w[:, :, None] * a, axis=0)
-        m_all = m_new
+    if STATIC_LOOP:
+        for c in range(0, NSPLIT, CH):
+            m_all, l_all, y = _merge_step(c, m_all, l_all, y, m_ptr, l_ptr, acc_ptr, pid_bh, used, offs_c, offs_g,
+                                          offs_d, NSPLIT, G, G_PAD, D_PAD)
+    else:
+        for c in range(0, used, CH):
+            m_all, l_all, y = _merge_step(c, m_all, l_all, y, m_ptr, l_ptr, acc_ptr, pid_bh, used, offs_c, offs_g,
+                                          offs_d, NSPLIT, G, G_PAD, D_PAD)
     y = y / tl.where(l_all > 0, l_all, 1.0)[:, None]  # l_all = 0 only on padding rows (g >= G)
     out = y_ptr + b * stride_yb + (h * G + offs_g)[:, None] * D + offs_d[None, :]
     tl.store(out, y.to(y_ptr.dtype.element_ty), mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
@@ -217,7 +234,7 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
         qkv, cos, sin, mask, input_pos, k_cache, v_cache, m, l_sum, acc, counts, y,
         n_kv_head, S, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), y.stride(0), 1.0 / math.sqrt(head_dim),
         NSPLIT=nsplit, IEEE=qkv.dtype == torch.float32 or _interpreting(), GC=triton.next_power_of_2(G),
-        CH=min(8, triton.next_power_of_2(nsplit)), **consts, num_warps=NUM_WARPS)
+        CH=min(8, triton.next_power_of_2(nsplit)), STATIC_LOOP=_interpreting(), **consts, num_warps=NUM_WARPS)
     return y
 
 
