@@ -61,6 +61,7 @@ from actsparse.relu import (
     train_relu,
 )
 from actsparse.relu.measure import tokenize
+from actsparse.relu.train import CHECKPOINT_FILE
 from benchmarks.common import env_header
 
 GOAL_SPARSITY = 0.85
@@ -123,7 +124,15 @@ def parse_args(argv=None):
                    help="load the layer-wise distilled model's weights from this file if it exists, else save them there")
     p.add_argument("--no-resume-check", action="store_true", help="skip the 6 vs 3+3 step resume check")
     p.add_argument("--holdout-fraction", type=float, default=0.05)
+    p.add_argument("--e2e-checkpoint", default="",
+                   help="each e2e run checkpoints to DIR/<run name> and resumes from it if it is there: a run "
+                        "longer than one call spreads over several (on one machine)")
+    p.add_argument("--e2e-stop-after", type=int, default=0,
+                   help="with --e2e-checkpoint: stop each e2e run after this many steps in total (a later call "
+                        "resumes it); its figures come from the call that finishes it")
     args = p.parse_args(argv)
+    if args.e2e_stop_after and not args.e2e_checkpoint:
+        p.error("--e2e-stop-after needs --e2e-checkpoint")
     if args.max_steps and args.max_steps < 5:
         p.error("--max-steps must be >= 5 (an L1-off warm-up and four L1 stages)")
     return args
@@ -380,6 +389,12 @@ def main(argv=None) -> int:
         cfg = config(steps, l1_peak, distill, hidden, ramp=not silu)
         teacher = distill or hidden
         need = steps * batch_tokens / (tps_distill if teacher else tps) * 1.1 + (15 if fat else 5)
+        ckpt_dir = Path(args.e2e_checkpoint) / name if args.e2e_checkpoint else None
+        resume = ckpt_dir is not None and (ckpt_dir / CHECKPOINT_FILE).exists()
+        if ckpt_dir is not None:
+            need = 0.0  # a time-sliced run: the call's own timeout bounds it, and it resumes later
+            log(f"{name}: {'resuming from' if resume else 'checkpointing to'} {ckpt_dir}"
+                + (f", stopping at step {args.e2e_stop_after}" if args.e2e_stop_after else ""))
         if not fits(need):
             doc["skipped"].append({"run": name, "needed_s": need})
             log(f"skip {name}: needs ~{need:.0f}s, past the deadline")
@@ -392,8 +407,15 @@ def main(argv=None) -> int:
         if not silu:
             relufy_(model, ReluConfig())
         h = train_relu(model, tok, train_text, cfg, teacher=original if teacher else None, progress=False,
-                       extra_windows=extra)
+                       extra_windows=extra, checkpoint_dir=ckpt_dir, resume=resume,
+                       stop_after=args.e2e_stop_after or None)
         model.requires_grad_(False)
+        if len(h.lm_loss) < steps:  # stopped by --e2e-stop-after: figures come when a later call finishes it
+            doc.setdefault("partial", {})[name] = {"steps_done": len(h.lm_loss), "steps": steps,
+                                                   "checkpoint": str(ckpt_dir)}
+            log(f"{name}: stopped at step {len(h.lm_loss)} of {steps}; resume with the same arguments")
+            save()
+            return None
         doc["runs"][name] = {
             "train_config": asdict(cfg), "seconds": h.seconds, "tokens": h.tokens,
             "tokens_per_s": h.tokens_per_second, "final_lm_loss": statistics.mean(h.lm_loss[-5:]),
