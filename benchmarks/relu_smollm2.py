@@ -309,7 +309,10 @@ def main(argv=None) -> int:
         return TrainConfig(steps=steps, seq_len=args.context, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
                            weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, hidden_distill=hidden,
-                           fat_ramp=fat_ramp, seed=0, log_every=10)
+                           fat_ramp=fat_ramp, seed=0, log_every=10,
+                           # a time-sliced run also checkpoints on the way: a call cut off by its
+                           # timeout loses at most 300 steps (without it, one H100 call lost 2400)
+                           checkpoint_every=300 if args.e2e_checkpoint else 0)
 
     def probe(distill, checkpoint_dir=None):
         m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
