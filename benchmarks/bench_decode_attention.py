@@ -117,13 +117,16 @@ def sweep(doc: dict, out) -> int:
     default = (da.BLOCK_S, da.NUM_WARPS)
     doc["sweep"] = []
     try:
-        for S, pos in ((384, 127), (384, 383), (4096, 1023)):
+        for S, pos in ((384, 127), (384, 383), (4096, 1023), (4096, 4095)):
             layers, cos, sin, mask, input_pos = make_layers(1, S, pos, seed=pos)
             l0 = layers[0]
             ref = decode_attention_reference(l0["qkv"], cos, sin, mask, input_pos, l0["k"].clone(), l0["v"].clone(),
                                              H, HKV, D)
-            row = {"S": S, "pos": pos, "us": {}, "default": f"{default[0]}x{default[1]}"}
-            for block_s in (16, 32, 64, 128):
+            row = {"S": S, "pos": pos, "us": {}, "default": f"{da.block_s_for(S) if default[0] is None else default[0]}"
+                                                               f"x{default[1]}"}
+            row["plain_compiled_us"] = round(graph_time_us(
+                [lambda layer=layer: plain_compiled(layer, cos, sin, mask, input_pos, 1) for layer in layers]), 2)
+            for block_s in (16, 32, 64, 128, 256):
                 for warps in (2, 4, 8):
                     da.BLOCK_S, da.NUM_WARPS = block_s, warps
                     key = f"{block_s}x{warps}"
@@ -137,8 +140,8 @@ def sweep(doc: dict, out) -> int:
             best = min(row["us"], key=row["us"].get)
             row["best"] = best
             doc["sweep"].append(row)
-            print(f"S={S} pos={pos}: default {row['default']} {row['us'].get(row['default'])} us, best {best} "
-                  f"{row['us'][best]} us; all {row['us']}", flush=True)
+            print(f"S={S} pos={pos}: compiled plain {row['plain_compiled_us']} us; default {row['default']} "
+                  f"{row['us'].get(row['default'])} us, best {best} {row['us'][best]} us; all {row['us']}", flush=True)
             del layers
     finally:
         da.BLOCK_S, da.NUM_WARPS = default

@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 
-from actsparse.kernels.decode_attention import BLOCK_S, decode_attention, decode_attention_reference
+from actsparse.kernels.decode_attention import block_s_for, decode_attention, decode_attention_reference
 
 pytestmark = pytest.mark.interpreter  # Triton kernels on CPU tensors (skipped when TRITON_INTERPRET=0)
+
+BLOCK_S = block_s_for(3 * 64)  # the positions per program of the small caches below
+assert BLOCK_S == 64
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -85,6 +88,11 @@ def test_launch_shapes_match_reference(monkeypatch, block_s, warps):
     y = decode_attention(qkv, cos, sin, mask, input_pos, k_cache, v_cache, H, Hkv, D, counts=counts)
     assert rel_err(y, y_ref) < TOL[torch.float32], rel_err(y, y_ref)
     assert not counts.any()
+
+
+def test_block_rule():
+    """64 positions per program up to 1024 cached positions, 128 beyond (fewer merge steps)."""
+    assert [block_s_for(n) for n in (1, 384, 1024, 1025, 4096)] == [64, 64, 64, 128, 128]
 
 
 def test_reference_is_plain_attention():

@@ -31,8 +31,14 @@ from torch.library import triton_op
 
 from .sparse_gemv import _PDL_DEFAULT, _interpreting, _launcher, _pdl_prologue, _pdl_supported
 
-BLOCK_S = 64  # cached positions per program
+BLOCK_S = None  # cached positions per program; None: block_s_for(cache length)
 NUM_WARPS = 4  # per program (both read at each launch: bench_decode_attention.py --sweep varies them)
+
+
+def block_s_for(cache_len: int) -> int:
+    """Cached positions per program: 64 up to 1024 positions, 128 beyond, where the merge of the
+    blocks' partials would otherwise take more steps (H100 sweep, docs/RESULTS.md)."""
+    return 64 if cache_len <= 1024 else 128
 
 
 @triton.jit
@@ -215,7 +221,7 @@ def _decode_attention_impl(qkv, cos, sin, mask, input_pos, k_cache, v_cache, cou
     B, S = qkv.shape[0], k_cache.shape[2]
     G = n_head // n_kv_head
     g_pad, d_pad = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(head_dim))
-    block_s = BLOCK_S
+    block_s = BLOCK_S if BLOCK_S is not None else block_s_for(k_cache.shape[2])
     nsplit = triton.cdiv(S, block_s)
     dev = qkv.device
     m = torch.empty(B * n_kv_head * nsplit * g_pad, dtype=torch.float32, device=dev)
