@@ -67,6 +67,14 @@ _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
+def _mask_and(mask, cond):
+    """``mask & cond`` for a scalar ``cond`` (a select, the same code on the GPU). Triton 3.9's CPU
+    interpreter gives ``block & scalar`` int32 data under an int1 type, which load, store and atomic
+    masks then refuse ("mask has unsupported dtype")."""
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
 def _dot_kept(x_tile, keep, w_tile, acc, DOT_FP32: tl.constexpr):
     """acc += (x_tile where keep) @ w_tile; x_tile: [B_PAD, BLOCK_K], w_tile: [BLOCK_K, BLOCK_N]."""
     if DOT_FP32:
@@ -129,8 +137,8 @@ def _sparse_gemv_kernel(
             # active_2d: a weight row is read iff any batch row keeps its input
             active_2d = tl.zeros([STEPS, BLOCK_K], dtype=tl.int32)
             for b in tl.static_range(X_ROWS):
-                x_b = tl.load(x_ptr + b * stride_xb + rows_2d, mask=in_range_2d & (b < B), other=0.0)
-                keep_b = (tl.abs(x_b.to(tl.float32)) > thr_2d) & in_range_2d & (b < B)
+                x_b = tl.load(x_ptr + b * stride_xb + rows_2d, mask=_mask_and(in_range_2d, b < B), other=0.0)
+                keep_b = _mask_and((tl.abs(x_b.to(tl.float32)) > thr_2d) & in_range_2d, b < B)
                 active_2d = tl.maximum(active_2d, keep_b.to(tl.int32))
             acc = tl.zeros([B_PAD, BLOCK_N], dtype=tl.float32)
             for i in tl.range(0, STEPS, num_stages=NUM_STAGES):
@@ -193,7 +201,7 @@ def _sparse_gemv_kernel(
             x_cur = x_next
             thr = thr_next
             offs_p = offs_k + BLOCK_K  # prefetch the next step's x and thresholds
-            p_mask = (offs_p < K) & (i + 1 < STEPS)
+            p_mask = _mask_and(offs_p < K, i + 1 < STEPS)
             if USE_DOT:
                 x_next = tl.load(
                     x_ptr + offs_b[:, None] * stride_xb + offs_p[None, :],
@@ -467,8 +475,8 @@ def _sparse_gemv_compact_kernel(
             active = tl.zeros([CHUNK], dtype=tl.int32)
             for b in tl.static_range(X_ROWS):
                 rs_b = tl.sum(tl.where(offs_b == b, rs_t, 0.0), axis=0)
-                x_b = _x_vals(x_ptr, b * stride_xb, rows, in_r & (b < B), rs_b, nw_ptr, K, PRE, XT)
-                keep_b = (tl.abs(x_b.to(tl.float32)) > thr) & in_r & (b < B)
+                x_b = _x_vals(x_ptr, b * stride_xb, rows, _mask_and(in_r, b < B), rs_b, nw_ptr, K, PRE, XT)
+                keep_b = _mask_and((tl.abs(x_b.to(tl.float32)) > thr) & in_r, b < B)
                 active = tl.maximum(active, keep_b.to(tl.int32))
             cnt = _list_kept(active, rows, scratch, cnt)
     tl.debug_barrier()  # the CTA's index stores are visible to all of its threads

@@ -491,7 +491,7 @@ def sparse_down_kept_reference(out: torch.Tensor, kept: KeptList, w_down_t: torc
 
 
 if HAS_TRITON:
-    from .sparse_gemv import _pdl_prologue, _pdl_supported, _sm_count
+    from .sparse_gemv import _mask_and, _pdl_prologue, _pdl_supported, _sm_count
 
     @triton.jit
     def _kept_tile(t, hi, acc, kept_idx_ptr, kept_h_ptr, w_ptr, N, F, offs_j, offs_n, n_mask, offs_b, b_mask,
@@ -580,7 +580,7 @@ if HAS_TRITON:
         else:
             out = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
         out_offs = offs_b[:, None] * N + offs_n[None, :]
-        tl.atomic_add(y_ptr + out_offs, out, mask=b_mask[:, None] & n_mask[None, :] & (pid_k < used),
+        tl.atomic_add(y_ptr + out_offs, out, mask=_mask_and(b_mask[:, None] & n_mask[None, :], pid_k < used),
                       sem="relaxed")  # programs left unused add nothing
         if arrived == tl.num_programs(0) * splits - 1:  # every program has read the length
             # RESET=False (benchmarks time step 3 alone on one list): the same work, but the length
