@@ -170,6 +170,9 @@ def relufy(
                                        "uniform (one T), equal (same sparsity per layer), sensitivity (measured "
                                        "per-layer cost, greedy)"),
     relu_after_norm: bool = typer.Option(False, help="also ReLU after the norms (sparse q/k/v, gate/up inputs)"),
+    anneal: float = typer.Option(0.0, help="instead of the layer-wise stage, go from SiLU to ReLU smoothly "
+                                 "(x * sigmoid(beta x), beta 1 -> 64) over this fraction of the steps; needs "
+                                 "--layerwise-steps 0 (0: ReLU from the first step)"),
     checkpoint_every: int = typer.Option(25),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints after an interruption"),
     device: Optional[str] = typer.Option(None, help="cuda (default when available) or cpu"),
@@ -184,6 +187,7 @@ def relufy(
         FatThresholdConfig,
         L1Schedule,
         LayerwiseConfig,
+        ReluAnneal,
         ReluConfig,
         SampleConfig,
         TrainConfig,
@@ -197,18 +201,23 @@ def relufy(
 
     if steps < 1 or batch_tokens < seq_len or layerwise_steps < 0 or sample_tokens < 0:
         raise ActsparseError("need steps >= 1, layerwise_steps >= 0, sample_tokens >= 0 and batch_tokens >= seq_len")
+    if anneal and layerwise_steps:
+        raise ActsparseError("--anneal starts from the original MLPs: pass --layerwise-steps 0 with it")
+    if not 0 <= anneal < 0.7:
+        raise ActsparseError(f"--anneal must be in [0, 0.7) (the FATReLU ramp follows it), got {anneal}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     body = read_text(text)
     mdl, tok = load_model(model, dtype="float32", device=device)
     batch = batch_tokens // seq_len
     if fat_ramp is None:
         fat_ramp = 0.0 if fat_tol is not None else min(fat_sparsity + 0.02, 0.99)
-    ramp = FatRamp(target=fat_ramp, every=max(1, min(10, steps // 20))) if fat_ramp else None
+    ramp = FatRamp(target=fat_ramp, start=max(0.2, anneal), every=max(1, min(10, steps // 20))) if fat_ramp else None
     train = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch, micro_batch_size=micro_batch or batch,
                         lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01,
                         l1=L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak],
                                            warmup_steps=steps // 5) if l1_peak > 0 else None,
                         distill_alpha=distill, hidden_distill=hidden_distill, fat_ramp=ramp,
+                        relu_anneal=ReluAnneal(end=anneal) if anneal else None,
                         checkpoint_every=checkpoint_every,
                         bf16=device.startswith("cuda"))
     layerwise = None

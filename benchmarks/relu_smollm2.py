@@ -47,6 +47,7 @@ from actsparse.relu import (
     FatRamp,
     FatThresholdConfig,
     L1Schedule,
+    ReluAnneal,
     ReluConfig,
     TrainConfig,
     LayerwiseConfig,
@@ -120,6 +121,9 @@ def parse_args(argv=None):
                    help="raise the FATReLU threshold during the e2e fine-tune to this sparsity (TrainConfig.fat_ramp)")
     p.add_argument("--fat-ramp-span", default="0.2,0.7", help="fractions of the steps where the ramp starts and ends")
     p.add_argument("--fat-ramp-every", type=int, default=10, help="steps between threshold updates of the ramp")
+    p.add_argument("--relu-anneal", type=float, default=0.0,
+                   help="ReLU runs: anneal SiLU -> ReLU (x * sigmoid(beta x), beta 1 -> 64) over this fraction of "
+                        "the e2e steps (TrainConfig.relu_anneal; 0 = ReLU from the first step)")
     p.add_argument("--layerwise-cache", default="",
                    help="load the layer-wise distilled model's weights from this file if it exists, else save them there")
     p.add_argument("--no-resume-check", action="store_true", help="skip the 6 vs 3+3 step resume check")
@@ -299,7 +303,8 @@ def main(argv=None) -> int:
     # ---- throughput probe and step budget --------------------------------------------------------
     peaks = [float(x) for x in args.peaks.split(",") if x.strip()]
 
-    def config(steps, l1_peak=None, distill=0.0, hidden=0.0, ramp=False):
+    def config(steps, l1_peak=None, distill=0.0, hidden=0.0, ramp=None):
+        """ramp: None for the SiLU control; True/False for ReLU runs (with or without --fat-ramp)."""
         l1 = L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak], warmup_steps=steps // 5) \
             if l1_peak else None
         fat_ramp = None
@@ -310,6 +315,7 @@ def main(argv=None) -> int:
                            micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
                            weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, hidden_distill=hidden,
                            fat_ramp=fat_ramp, seed=0, log_every=10,
+                           relu_anneal=ReluAnneal(end=args.relu_anneal) if ramp is not None and args.relu_anneal else None,
                            # a time-sliced run also checkpoints on the way: a call cut off by its
                            # timeout loses at most 300 steps (without it, one H100 call lost 2400)
                            checkpoint_every=300 if args.e2e_checkpoint else 0)
@@ -389,7 +395,7 @@ def main(argv=None) -> int:
         measure(start_model, "relufied_layerwise", steps=n)
 
     def run(name, silu=False, l1_peak=None, distill=0.0, fat=True, hidden=0.0):
-        cfg = config(steps, l1_peak, distill, hidden, ramp=not silu)
+        cfg = config(steps, l1_peak, distill, hidden, ramp=None if silu else True)
         teacher = distill or hidden
         need = steps * batch_tokens / (tps_distill if teacher else tps) * 1.1 + (15 if fat else 5)
         ckpt_dir = Path(args.e2e_checkpoint) / name if args.e2e_checkpoint else None
@@ -473,6 +479,7 @@ def main(argv=None) -> int:
     tag = (f"_distill{ra:g}" if ra else "") + (f"_hidden{hd:g}" if hd else "") + ("_lw" if start_model else "")
     tag += "_sampled" if extra is not None else ""
     tag += f"_ramp{args.fat_ramp:g}" if args.fat_ramp else ""
+    tag += f"_anneal{args.relu_anneal:g}" if args.relu_anneal else ""
     if not args.skip_l1_off:
         run("relu_finetune_l1_off" + tag, distill=ra, hidden=hd)
     for peak in peaks:

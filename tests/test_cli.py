@@ -204,6 +204,22 @@ def test_cli_relufy_trains(capsys, tmp_path, model_dir, text_file):
     assert code == 2 and "allocation" in err
 
 
+def test_cli_relufy_anneal(capsys, tmp_path, model_dir, text_file):
+    out = tmp_path / "relu"
+    args = ["relufy", "--model", model_dir, "--text", text_file, "--out", out, "--steps", 10, "--seq-len", 64,
+            "--batch-tokens", 128, "--device", "cpu", "--sample-tokens", 0, "--hidden-distill", 0,
+            "--fat-sparsity", 0.9, "--anneal", 0.3]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "--layerwise-steps 0" in err
+    code, out_json, err = run_cli(capsys, *args, "--layerwise-steps", 0)
+    assert code == 0, err
+    assert last_json(out_json)["fat_threshold"] > 0
+    cfg = json.loads((out / "actsparse_relu.json").read_text())["metadata"]["train_config"]
+    assert cfg["relu_anneal"]["end"] == pytest.approx(0.3) and cfg["fat_ramp"]["start"] == pytest.approx(0.3)
+    code, _, err = run_cli(capsys, *args[:-1], "0.8", "--layerwise-steps", 0, "--out", tmp_path / "r2")
+    assert code == 2 and "--anneal must be" in err
+
+
 def test_cli_relufy_layerwise_and_hidden_distill(capsys, tmp_path, model_dir, text_file):
     out = tmp_path / "relu"
     args = ["relufy", "--model", model_dir, "--text", text_file, "--out", out, "--steps", 3, "--seq-len", 64,

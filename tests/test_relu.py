@@ -22,6 +22,7 @@ from actsparse.relu import (
     L1Schedule,
     LayerwiseConfig,
     ReLUAfterNorm,
+    ReluAnneal,
     ReluConfig,
     TrainConfig,
     activation_modules,
@@ -306,6 +307,54 @@ def test_fat_ramp_reaches_its_target(per_layer):
     assert after.sparsity == pytest.approx(target, abs=0.04)
     if per_layer:
         assert all(v == pytest.approx(target, abs=0.08) for v in after.layer_sparsity.values())
+
+
+def test_relu_anneal_schedule_and_activation():
+    anneal = ReluAnneal(end=0.25, beta_start=1.0, beta_end=64.0)
+    betas = [anneal.beta(s, 100) for s in range(100)]
+    assert betas[0] == 1.0 and betas[24] is not None and all(b is None for b in betas[25:])
+    assert all(b > a for a, b in zip(betas[:24], betas[1:25]))
+    assert betas[12] == pytest.approx(64 ** (12 / 25))  # geometric
+    for bad in (dict(end=0.0), dict(end=1.5), dict(beta_start=0.0), dict(beta_start=8.0, beta_end=4.0),
+                dict(beta_end=math.inf)):
+        with pytest.raises(ActsparseError):
+            ReluAnneal(**bad)
+    with pytest.raises(ActsparseError, match="before the ReLU anneal ends"):
+        TrainConfig(steps=10, relu_anneal=ReluAnneal(end=0.3), fat_ramp=FatRamp(target=0.8, start=0.2))
+    assert TrainConfig(steps=10, relu_anneal={"end": 0.5}).relu_anneal == ReluAnneal(end=0.5)
+
+    act = FATReLU()
+    x = torch.randn(1000, dtype=torch.float64) * 3
+    act.beta = 1.0
+    torch.testing.assert_close(act(x), torch.nn.functional.silu(x), rtol=1e-12, atol=1e-12)
+    act.beta = 64.0
+    assert (act(x) - torch.relu(x)).abs().max() < 0.0045
+    act.beta = None
+    assert torch.equal(act(x), torch.relu(x))
+    assert "beta" not in act.state_dict()
+
+
+def test_relu_anneal_starts_at_the_original_model_and_ends_relu():
+    """With the anneal, the relufied student computes the SiLU teacher's function at step 0 (KL 0),
+    where a plain relufied one does not; the model handed back is the exact ReLU one."""
+    tok = ByteTokenizer()
+    teacher = tiny_model("llama")
+    kls = {}
+    for anneal in (None, ReluAnneal(end=0.5)):
+        model = relufy_(copy.deepcopy(teacher).requires_grad_(True), ReluConfig())
+        config = small_train_config(steps=8, l1=None, distill_alpha=1.0, checkpoint_every=0, relu_anneal=anneal)
+        h = train_relu(model, tok, TEXT, config, teacher=teacher, progress=False)
+        kls[anneal is not None] = h.kl
+        assert all(m.beta is None for m in activation_modules(model).values())
+        ids = random_ids()
+        ref = copy.deepcopy(model)
+        for name, m in activation_modules(ref).items():
+            ref.get_submodule(name.rsplit(".", 1)[0]).act_fn = nn.ReLU()
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    assert kls[True][0] < 1e-6 < 1e-2 < kls[False][0]
+    assert h.sparsity[0] < 0.01 < 0.3 < h.sparsity[-1]  # smooth at first (no exact zeros), ReLU at the end
+    with pytest.raises(ActsparseError, match="relufied"):
+        train_relu(tiny_model("llama"), tok, TEXT, small_train_config(relu_anneal=ReluAnneal()), progress=False)
 
 
 def test_fat_ramp_resume_equals_uninterrupted(tmp_path):

@@ -30,11 +30,11 @@ from .modules import (
 )
 from .pipeline import RelufyResult, relufy_and_train, split_holdout
 from .synth import SampleConfig, sample_teacher_windows
-from .train import FatRamp, L1Schedule, TrainConfig, TrainHistory, train_relu
+from .train import FatRamp, L1Schedule, ReluAnneal, TrainConfig, TrainHistory, train_relu
 
 __all__ = [
     "ActivationTap", "EvalResult", "FATReLU", "FatThresholdConfig", "FatThresholdResult", "L1Schedule",
-    "LayerwiseConfig", "LayerwiseHistory", "ReLUAfterNorm", "ReluConfig", "RelufyResult", "SampleConfig", "TrainConfig",
+    "LayerwiseConfig", "LayerwiseHistory", "ReLUAfterNorm", "ReluAnneal", "ReluConfig", "RelufyResult", "SampleConfig", "TrainConfig",
     "TrainHistory", "activation_modules", "distill_mlps_", "evaluate_relu", "fat_thresholds", "hf_state_dict",
     "load_relufied", "mlp_input_norm_name", "relufy_", "relufy_and_train", "sample_teacher_windows", "save_relufied",
     "select_fat_threshold_", "set_fat_thresholds_", "split_holdout", "train_relu",

@@ -46,8 +46,14 @@ class FATReLU(nn.Module):
         super().__init__()
         _check_threshold(threshold)
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
+        # Training only (ReluAnneal): while set, the module computes x * sigmoid(beta * x), SiLU at
+        # beta = 1 and ReLU as beta grows, and ignores the threshold. Not saved: the trained model is
+        # the ReLU one.
+        self.beta: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.beta is not None:
+            return x * torch.sigmoid(self.beta * x)
         # x: [..., F]; multiply by the mask so the gradient is 1 where kept and 0 elsewhere.
         return x * (x > self.threshold)
 
