@@ -547,16 +547,14 @@ class Attention(nn.Module):
         return y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
-FUSED_ATTENTION_MAX_CACHE = 4096  # "auto" uses the fused kernel up to this many cached positions
+FUSED_ATTENTION_MAX_CACHE = 512  # "auto" uses the fused kernel up to this many cached positions
 
 
 def auto_decode_attention(on_cuda: bool, cache_len: int) -> str:
     """The "auto" decode attention: the fused Triton kernel on CUDA for caches of at most
-    FUSED_ATTENTION_MAX_CACHE positions, "matmul" elsewhere. Per layer on an H100 (Llama-3-8B
-    heads, docs/RESULTS.md) the fused kernel took 6.8-7.7 us against 12.6-13.0 for the compiled
-    matmul path at 384 cached positions, and 10.6 / 20.3 us against 22.3 / 22.2 at 4096 (positions
-    1023 / 4095), since its merge stops at the used blocks and long caches take 128 positions per
-    program (638dd28). Longer caches were not measured, so they keep the matmul path."""
+    FUSED_ATTENTION_MAX_CACHE positions, where it measured 1.6-1.8x faster per layer than the
+    compiled matmul path (H100, 384 positions); "matmul" elsewhere. At 4096 cached positions the
+    fused kernel measured slower (25-31 against 22 us per layer; docs/RESULTS.md)."""
     return "fused" if on_cuda and cache_len <= FUSED_ATTENTION_MAX_CACHE else "matmul"
 
 
@@ -790,10 +788,9 @@ class Transformer(nn.Module):
         """How a one-token step attends: "reductions" (elementwise products and sums that Inductor
         fuses), "matmul" (two batched GEMMs), or "fused" (``kernels/decode_attention``: RoPE, the
         cache write and the attention in one Triton launch; CUDA, or TRITON_INTERPRET=1); all
-        exact up to rounding. "auto" (the default): fused on CUDA for KV caches of up to 4096
+        exact up to rounding. "auto" (the default): fused on CUDA for KV caches of up to 512
         positions, matmul elsewhere (``auto_decode_attention``; measured on an H100 at Llama-3-8B
-        shape with 384 positions: 171.9-176.0 against 167.2-170.0 tok/s; per layer at 4096 positions,
-        see auto_decode_attention; docs/RESULTS.md)."""
+        shape with 384 positions: 171.9-176.0 against 167.2-170.0 tok/s, docs/RESULTS.md)."""
         if mode not in ("reductions", "matmul", "fused", "auto"):
             raise ActsparseError(f"decode attention must be 'auto', 'reductions', 'matmul' or 'fused', got '{mode}'")
         if mode == "fused":
