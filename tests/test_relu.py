@@ -355,6 +355,30 @@ def test_relu_anneal_starts_at_the_original_model_and_ends_relu():
     assert h.sparsity[0] < 0.01 < 0.3 < h.sparsity[-1]  # smooth at first (no exact zeros), ReLU at the end
     with pytest.raises(ActsparseError, match="relufied"):
         train_relu(tiny_model("llama"), tok, TEXT, small_train_config(relu_anneal=ReluAnneal()), progress=False)
+    with pytest.raises(ActsparseError, match="thresholds must be 0"):
+        train_relu(set_fat_thresholds_(relufy_(tiny_model("llama")), 0.1), tok, TEXT,
+                   small_train_config(relu_anneal=ReluAnneal()), progress=False)
+
+
+def test_relu_anneal_with_fat_ramp_resumes_like_an_uninterrupted_run(tmp_path):
+    """Stopped mid-anneal, and again after the FatRamp has raised the thresholds: the resumed run
+    ends with the same weights and thresholds."""
+    tok = ByteTokenizer()
+    config = small_train_config(steps=10, relu_anneal=ReluAnneal(end=0.3),
+                                fat_ramp=FatRamp(target=0.85, start=0.3, end=0.8, every=1, samples=2048))
+    straight = relufy_(tiny_model("llama"), ReluConfig())
+    h_straight = train_relu(straight, tok, TEXT, config, checkpoint_dir=tmp_path / "a", progress=False)
+    first = relufy_(tiny_model("llama"), ReluConfig())
+    train_relu(first, tok, TEXT, config, checkpoint_dir=tmp_path / "b", stop_after=2, progress=False)  # mid-anneal
+    middle = relufy_(tiny_model("llama", seed=9), ReluConfig())
+    train_relu(middle, tok, TEXT, config, checkpoint_dir=tmp_path / "b", resume=True, stop_after=6, progress=False)
+    assert max(fat_thresholds(middle).values()) > 0  # the ramp has started: the checkpoint holds T > 0
+    resumed = relufy_(tiny_model("llama", seed=9), ReluConfig())
+    h = train_relu(resumed, tok, TEXT, config, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    assert max(fat_thresholds(straight).values()) > 0
+    assert fat_thresholds(straight) == fat_thresholds(resumed) and h.loss == h_straight.loss
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
 
 
 def test_fat_ramp_resume_equals_uninterrupted(tmp_path):

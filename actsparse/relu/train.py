@@ -453,7 +453,7 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
     ramp = _Ramp(model, config, device, history) if config.fat_ramp is not None else None
-    annealed = _annealed_modules(model) if config.relu_anneal is not None else []
+    annealed = _annealed_modules(model, fresh=start == 0) if config.relu_anneal is not None else []
     with ActivationTap(model, track_l1=True, count_zeros=True) as tap:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -541,11 +541,13 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
     return history
 
 
-def _annealed_modules(model: nn.Module) -> list[FATReLU]:
+def _annealed_modules(model: nn.Module, fresh: bool) -> list[FATReLU]:
+    """The FATReLUs a ReluAnneal drives; a fresh run (not a resumed one, whose FatRamp may have
+    raised them) must start with thresholds 0, i.e. from the original activation."""
     acts = list(activation_modules(model).values())
     if not acts or not all(isinstance(m, FATReLU) for m in acts):
         raise ActsparseError("relu_anneal needs a relufied model (FATReLU activations): call relufy_ first")
-    if any(float(m.threshold) != 0.0 for m in acts):
+    if fresh and any(float(m.threshold) != 0.0 for m in acts):
         raise ActsparseError("relu_anneal starts from the original activation: FATReLU thresholds must be 0")
     return acts
 
