@@ -174,8 +174,9 @@ class ReluAnneal:
     tokens repairing it. Instead, for the first fraction ``end`` of the steps every FATReLU computes
     ``x * sigmoid(beta * x)``, which is SiLU at beta = 1 (GELU is close to beta = 1.702), with beta
     rising geometrically from ``beta_start`` to ``beta_end`` (at beta = 64 it is within 0.0044 of
-    ReLU everywhere); after that the activation is the exact (FAT)ReLU. The model is never far from
-    a working one, and distillation follows it along the way.
+    ReLU everywhere); after that the activation is the exact (FAT)ReLU, so the student starts as the
+    teacher. Measured on SmolLM2 (CPU scale, docs/RESULTS.md): no gain over the direct swap, which
+    distillation repairs within a few steps; kept as an option, off by default.
     """
 
     end: float = 0.2  # fraction of the steps annealed; the FatRamp must not start before it
