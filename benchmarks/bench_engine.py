@@ -516,6 +516,7 @@ def main(argv=None) -> dict:
                 model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
                 try:
                     result["sparse_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
+                    log(f"kernels per step at s={args.batch_sparsity}: {result['sparse_step_profile_s0.5'].get('kernels')}")
                     levels = {s: thresholds_by_s[s] for s in (0.0, args.batch_sparsity) if s in thresholds_by_s}
                     result["linear_profile_layer0"] = profile_linears(
                         model, gen._record_inputs(calib[:, :T]), levels, device)
@@ -569,6 +570,12 @@ def main(argv=None) -> dict:
                                 "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
                             log(f"sparse B=1 s={s} {'without' if default else 'with'} PDL: {rate:7.1f} tok/s "
                                 f"({rate / dense_rate[1]:.3f}x dense)")
+                        # kernels per step in this setting (with PDL on, Inductor's copies around the traced
+                        # attention once made 430 instead of 174; docs/RESULTS.md)
+                        model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
+                        result[f"sparse_{name}_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
+                        log(f"kernels per step {'without' if default else 'with'} PDL at s={args.batch_sparsity}: "
+                            f"{result[f'sparse_{name}_step_profile_s0.5'].get('kernels')}")
                     except Exception:
                         record_error(f"sparse {name}")
                     finally:

@@ -547,14 +547,15 @@ class Attention(nn.Module):
         return y.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
 
 
-FUSED_ATTENTION_MAX_CACHE = 512  # "auto" uses the fused kernel up to this many cached positions
+FUSED_ATTENTION_MAX_CACHE = 4096  # "auto" uses the fused kernel up to this many cached positions
 
 
 def auto_decode_attention(on_cuda: bool, cache_len: int) -> str:
     """The "auto" decode attention: the fused Triton kernel on CUDA for caches of at most
-    FUSED_ATTENTION_MAX_CACHE positions, where it measured 1.6-1.8x faster per layer than the
-    compiled matmul path (H100, 384 positions); "matmul" elsewhere. At 4096 cached positions the
-    fused kernel measured slower (25-31 against 22 us per layer; docs/RESULTS.md)."""
+    FUSED_ATTENTION_MAX_CACHE positions, "matmul" elsewhere. Per layer on an H100 (docs/RESULTS.md,
+    2026-12-05): 7.3-8.3 against 12.4-12.9 us for the compiled matmul path with 384 cached
+    positions, 10.8 / 21.0 against 22.3 us with 4096 (positions 1023 / 4095). Longer caches were
+    not measured."""
     return "fused" if on_cuda and cache_len <= FUSED_ATTENTION_MAX_CACHE else "matmul"
 
 
