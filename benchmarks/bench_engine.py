@@ -333,7 +333,7 @@ def main(argv=None) -> dict:
     p.add_argument("--compare-pdl", "--pdl", dest="pdl", action="store_true",
                    help="also time sparse B=1 at the batch sparsity and the highest one with programmatic "
                         "dependent launch of the sparse GEMVs and the decode attention switched to the other "
-                        "setting than the default (sparse_gemv.set_pdl_default; off by default)")
+                        "setting than the default (sparse_gemv.set_pdl_default; on by default)")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)

@@ -241,7 +241,7 @@ def test_tuned_configs(tmp_path):
                                 "batched": {"block_k": 16, "block_n": 128}}))
     try:
         sg.load_tuned_configs(str(path))
-        pdl = sg.pdl_default()  # the launch form rides along (off by default, inert off Hopper)
+        pdl = sg.pdl_default()  # the launch form rides along (on by default, inert off Hopper)
         assert pick_config(4096, 4096, 1) == GemvConfig(64, 256, num_warps=8, compact=True, pdl=pdl)
         assert pick_config(4096, 4096, 4) == GemvConfig(16, 128, pdl=pdl)
         assert pick_config(20, 40, 1).block_k == 32  # still clamped to the problem
@@ -253,8 +253,8 @@ def test_tuned_configs(tmp_path):
 
 
 def test_pdl_default_rides_on_picked_configs(monkeypatch):
-    """PDL is off by default (ACTSPARSE_GEMV_PDL=1 turns it on) and reaches every picked config."""
-    assert sg.pdl_default() == (os.environ.get("ACTSPARSE_GEMV_PDL", "0") == "1")
+    """PDL is on by default (ACTSPARSE_GEMV_PDL=0 turns it off) and reaches every picked config."""
+    assert sg.pdl_default() == (os.environ.get("ACTSPARSE_GEMV_PDL", "1") != "0")
     default = sg.pdl_default()
     try:
         sg.set_pdl_default(True)

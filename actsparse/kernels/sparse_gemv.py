@@ -25,7 +25,7 @@ Three layers (one file stem shared with ``tests/test_sparse_gemv.py`` and
   (``torch.ops.actsparse.sparse_gemv_add_``) is the fused-residual form: ``out`` (fp32) += the
   product, each program adding its partial sum straight into ``out`` (no workspace, no counter,
   no final pass: 1.5-2 us less per call on an H100). ``GemvConfig(pdl=True)`` launches with
-  programmatic dependent launch on Hopper+ (``set_pdl_default`` / ``ACTSPARSE_GEMV_PDL=1``).
+  programmatic dependent launch on Hopper+ (on by default: ``set_pdl_default`` / ``ACTSPARSE_GEMV_PDL=0``).
 - Modules (``actsparse.sparsify.SparseLinear``, the engine) call ``sparse_gemv``.
 
 Workspace. In eager mode (also inside a manual ``torch.cuda.graph`` capture) the workspace is
@@ -593,20 +593,22 @@ def _clamped(config: GemvConfig, K: int, N: int) -> GemvConfig:
     )
 
 
-# Off by default. With every kernel of a decode block ours (fused residual, prologues and
-# attention), PDL gained 1.2-1.9% end to end in H100 engine runs and was neutral on the ReLU
-# engine, but on 2 of the 3 machines that ran with it on, Inductor could not analyse the traced
-# attention kernel's PTX and compiled 8 copy kernels per layer around it (174 -> 430 kernels per
-# step, -6%). Launches that Inductor traces now leave PDL out (_pdl_supported's probe); that
-# guard has not run on a GPU yet, so the default stays off (docs/RESULTS.md).
-# ACTSPARSE_GEMV_PDL=1 turns it on.
-_PDL_DEFAULT = [os.environ.get("ACTSPARSE_GEMV_PDL", "0") == "1"]
+# On by default (inert off Hopper and in the CPU interpreter). With every kernel of a decode block
+# ours (fused residual, prologues and attention), PDL gained 1.2-1.9% end to end in H100 engine
+# runs and was neutral on the ReLU engine. It was off for a session because on 2 of the 3 machines
+# that first ran with it, Inductor could not analyse the PTX of a traced PDL kernel and compiled
+# 8 copy kernels per layer around the attention (174 -> 430 kernels per step, -6%). Launches that
+# Inductor traces now leave PDL out (_pdl_supported's probe). On a fresh H100 that had just run the
+# PDL-on GPU tests, the engine step stayed at 174 kernels with PDL on and off, and PDL gained 1.3%
+# at s=0.5 and 2.2% at s=0.7 in the same run (2026-12-05, 72b82ce; docs/RESULTS.md).
+# ACTSPARSE_GEMV_PDL=0 turns it off.
+_PDL_DEFAULT = [os.environ.get("ACTSPARSE_GEMV_PDL", "1") != "0"]
 
 
 def set_pdl_default(on: bool) -> None:
     """Launch every config that pick_config returns, and the decode attention kernel, with
-    programmatic dependent launch (Hopper+; inert elsewhere). Off by default; ACTSPARSE_GEMV_PDL=1
-    turns it on. Captured CUDA graphs and compiled code keep the launch form they were made with."""
+    programmatic dependent launch (Hopper+; inert elsewhere). On by default; ACTSPARSE_GEMV_PDL=0
+    turns it off. Captured CUDA graphs and compiled code keep the launch form they were made with."""
     _PDL_DEFAULT[0] = bool(on)
 
 
