@@ -334,6 +334,9 @@ def main(argv=None) -> dict:
                    help="also time sparse B=1 at the batch sparsity and the highest one with programmatic "
                         "dependent launch of the sparse GEMVs and the decode attention switched to the other "
                         "setting than the default (sparse_gemv.set_pdl_default; on by default)")
+    p.add_argument("--pdl-wide-off", action="store_true",
+                   help="also time sparse B=1 with PDL on except for the wide B=1 gate/up tile "
+                        "(sparse_gemv.set_pdl_wide(False))")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)
@@ -552,35 +555,44 @@ def main(argv=None) -> dict:
                     finally:
                         setter("auto")
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                if args.pdl:  # same thresholds, PDL switched to the other setting than the default
-                    gen = None
-                    gc.collect()
-                    from actsparse.kernels.sparse_gemv import pdl_default, set_pdl_default
+                if args.pdl or args.pdl_wide_off:
+                    # same thresholds, other PDL settings: the opposite of the default (--pdl), and the
+                    # default on but without the wide gate/up tile (--pdl-wide-off)
+                    from actsparse.kernels.sparse_gemv import pdl_default, pdl_wide, set_pdl_default, set_pdl_wide
 
-                    default = pdl_default()
-                    name = "nopdl" if default else "pdl"
-                    set_pdl_default(not default)
-                    try:
-                        gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
-                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_" + name)
-                        for s in (args.batch_sparsity, max(sparsities)):
-                            model.set_thresholds_(thresholds_by_s[s])
-                            rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
-                            result.setdefault(f"sparse_{name}_by_s", {})[str(s)] = {
-                                "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
-                            log(f"sparse B=1 s={s} {'without' if default else 'with'} PDL: {rate:7.1f} tok/s "
-                                f"({rate / dense_rate[1]:.3f}x dense)")
-                        # kernels per step in this setting (with PDL on, Inductor's copies around the traced
-                        # attention once made 430 instead of 174; docs/RESULTS.md)
-                        model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                        result[f"sparse_{name}_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
-                        log(f"kernels per step {'without' if default else 'with'} PDL at s={args.batch_sparsity}: "
-                            f"{result[f'sparse_{name}_step_profile_s0.5'].get('kernels')}")
-                    except Exception:
-                        record_error(f"sparse {name}")
-                    finally:
-                        set_pdl_default(default)
-                        model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
+                    default, wide = pdl_default(), pdl_wide()
+                    variants = []
+                    if args.pdl:
+                        variants.append(("nopdl" if default else "pdl", not default, wide,
+                                         "without PDL" if default else "with PDL"))
+                    if args.pdl_wide_off:
+                        variants.append(("pdl_narrow", True, False, "with PDL except the wide tile"))
+                    for name, on, wide_on, label in variants:
+                        gen = None
+                        gc.collect()
+                        set_pdl_default(on)
+                        set_pdl_wide(wide_on)
+                        try:
+                            gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
+                            gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_" + name)
+                            for s in (args.batch_sparsity, max(sparsities)):
+                                model.set_thresholds_(thresholds_by_s[s])
+                                rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
+                                result.setdefault(f"sparse_{name}_by_s", {})[str(s)] = {
+                                    "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
+                                log(f"sparse B=1 s={s} {label}: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
+                            # kernels per step in this setting (with PDL on, Inductor's copies around the
+                            # traced attention once made 430 instead of 174; docs/RESULTS.md)
+                            model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
+                            result[f"sparse_{name}_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
+                            log(f"kernels per step {label} at s={args.batch_sparsity}: "
+                                f"{result[f'sparse_{name}_step_profile_s0.5'].get('kernels')}")
+                        except Exception:
+                            record_error(f"sparse {name}")
+                        finally:
+                            set_pdl_default(default)
+                            set_pdl_wide(wide)
+                            model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
             del gen
     except Exception:
         record_error("sparse engine")
