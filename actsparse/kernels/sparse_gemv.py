@@ -617,10 +617,11 @@ def pdl_default() -> bool:
     return _PDL_DEFAULT[0]
 
 
-# The wide B=1 tile (N >= WIDE_N, a fused gate/up) with PDL measured 6% slower per call at s=0 and
-# s=0.5 than without, back to back in the kernel benchmark, while the narrower tiles gained 3-10%
-# (H200, 2026-12-05, docs/RESULTS.md). set_pdl_wide(False) (ACTSPARSE_GEMV_PDL_WIDE=0) launches the
-# wide tile without PDL while the default is on; on by default (what the engine was measured with).
+# The wide B=1 tile (N >= WIDE_N, a fused gate/up) measured 5-6% slower with PDL at s=0 and s=0.5
+# on the Llama-3-8B gate/up, timed back to back in the kernel benchmark. Most narrower calls gained
+# 2-14% (H200, 2026-12-05). set_pdl_wide(False) (ACTSPARSE_GEMV_PDL_WIDE=0) launches that tile
+# without PDL while the default is on. In the engine this lost to PDL everywhere: 245.2 against
+# 247.5 tok/s at s=0.5 (H100, same run; docs/RESULTS.md), so the switch is on by default.
 WIDE_N = 16384
 _PDL_WIDE = [os.environ.get("ACTSPARSE_GEMV_PDL_WIDE", "1") != "0"]
 
