@@ -526,73 +526,69 @@ def main(argv=None) -> dict:
                 except Exception:
                     record_error("sparse profile")
                 sparse_by_batch[b] = sparse_by_s[args.batch_sparsity]["tok_s"]
-                # every sparsity again with the other setting of a block option, same thresholds
-                # (option, its setter, whether it is on): switched to the other state than the default
-                variants = []
-                if args.compare_fused_residual:
-                    variants.append(("fused_residual", model.set_fused_residual_, model.layers[0].uses_fused_residual))
-                if args.compare_fused_prologue:
-                    variants.append(("fused_prologue", model.set_fused_prologue_, model.layers[0].uses_fused_prologue))
-                for option, setter, is_on in variants:
-                    gen = None
+                gen = None  # each variant below compiles its own Generator
+
+                def time_variant(name, label, levels, apply, restore):
+                    """Sparse B=1 at `levels` (same thresholds) with an option switched by apply()
+                    (undone by restore()): a fresh Generator, its gates, the rates and the step profile
+                    (kernels per step), under result["sparse_<name>_..."]."""
                     gc.collect()
-                    setter(not is_on())
-                    name = option if is_on() else "un" + option
+                    apply()
+                    variant_gen = None
                     try:
-                        gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
+                        variant_gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                        gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_" + name)
-                        for s in sparsities:
+                        gate_sparse(variant_gen, model, prompts[b], calib[:, :T], gates, device, suffix="_" + name)
+                        for s in levels:
                             model.set_thresholds_(thresholds_by_s[s])
-                            rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
+                            rate, tokens, detail = timed_generate(variant_gen, prompts[b], N, args.repeats)
                             result.setdefault(f"sparse_{name}_by_s", {})[str(s)] = {
                                 "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
-                            log(f"sparse B=1 s={s} {name}: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
+                            log(f"sparse B=1 s={s} {label}: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                        result[f"sparse_{name}_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
+                        prof = profile_decode_step(variant_gen, prompts[b], device)
+                        result[f"sparse_{name}_step_profile_s0.5"] = prof
+                        log(f"kernels per step {label} at s={args.batch_sparsity}: {prof.get('kernels')}")
                     except Exception:
                         record_error(f"sparse with {name}")
                     finally:
-                        setter("auto")
+                        restore()
                         model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                if args.pdl or args.pdl_wide_off:
-                    # same thresholds, other PDL settings: the opposite of the default (--pdl), and the
-                    # default on but without the wide gate/up tile (--pdl-wide-off)
-                    from actsparse.kernels.sparse_gemv import pdl_default, pdl_wide, set_pdl_default, set_pdl_wide
+                        del variant_gen
 
-                    default, wide = pdl_default(), pdl_wide()
-                    variants = []
-                    if args.pdl:
-                        variants.append(("nopdl" if default else "pdl", not default, wide,
-                                         "without PDL" if default else "with PDL"))
-                    if args.pdl_wide_off:
-                        variants.append(("pdl_narrow", True, False, "with PDL except the wide tile"))
-                    for name, on, wide_on, label in variants:
-                        gen = None
-                        gc.collect()
-                        set_pdl_default(on)
-                        set_pdl_wide(wide_on)
-                        try:
-                            gen = Generator(model, batch_size=1, max_seq_len=max_seq, gemv=gemv_best)
-                            gate_sparse(gen, model, prompts[b], calib[:, :T], gates, device, suffix="_" + name)
-                            for s in (args.batch_sparsity, max(sparsities)):
-                                model.set_thresholds_(thresholds_by_s[s])
-                                rate, tokens, detail = timed_generate(gen, prompts[b], N, args.repeats)
-                                result.setdefault(f"sparse_{name}_by_s", {})[str(s)] = {
-                                    "tok_s": rate, "speedup_vs_dense": rate / dense_rate[1], **detail}
-                                log(f"sparse B=1 s={s} {label}: {rate:7.1f} tok/s ({rate / dense_rate[1]:.3f}x dense)")
-                            # kernels per step in this setting (with PDL on, Inductor's copies around the
-                            # traced attention once made 430 instead of 174; docs/RESULTS.md)
-                            model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
-                            result[f"sparse_{name}_step_profile_s0.5"] = profile_decode_step(gen, prompts[b], device)
-                            log(f"kernels per step {label} at s={args.batch_sparsity}: "
-                                f"{result[f'sparse_{name}_step_profile_s0.5'].get('kernels')}")
-                        except Exception:
-                            record_error(f"sparse {name}")
-                        finally:
-                            set_pdl_default(default)
-                            set_pdl_wide(wide)
-                            model.set_thresholds_(thresholds_by_s[args.batch_sparsity])
+                # every sparsity again with the other setting of a block option (switched to the
+                # other state than the default; "auto" restores it)
+                options = []
+                if args.compare_fused_residual:
+                    options.append(("fused_residual", model.set_fused_residual_, model.layers[0].uses_fused_residual))
+                if args.compare_fused_prologue:
+                    options.append(("fused_prologue", model.set_fused_prologue_, model.layers[0].uses_fused_prologue))
+                for option, setter, is_on in options:
+                    name = "un" + option if is_on() else option
+                    time_variant(name, name, sparsities, lambda setter=setter, is_on=is_on: setter(not is_on()),
+                                 lambda setter=setter: setter("auto"))
+                # PDL: the opposite of the default (--pdl), and the default on but without the wide
+                # gate/up tile (--pdl-wide-off), at the batch sparsity and the highest one. With PDL on,
+                # Inductor's copies around the traced attention once made 430 kernels per step
+                # instead of 174 (docs/RESULTS.md), hence the step profile of each.
+                from actsparse.kernels.sparse_gemv import pdl_default, pdl_wide, set_pdl_default, set_pdl_wide
+
+                pdl0, wide0 = pdl_default(), pdl_wide()
+                pdl_variants = []
+                if args.pdl:
+                    pdl_variants.append(("nopdl" if pdl0 else "pdl", not pdl0, wide0,
+                                         "without PDL" if pdl0 else "with PDL"))
+                if args.pdl_wide_off:
+                    pdl_variants.append(("pdl_narrow", True, False, "with PDL except the wide tile"))
+
+                def restore_pdl():
+                    set_pdl_default(pdl0)
+                    set_pdl_wide(wide0)
+
+                for name, on, wide_on, label in pdl_variants:
+                    time_variant(name, label, tuple(dict.fromkeys((args.batch_sparsity, max(sparsities)))),
+                                 lambda on=on, wide_on=wide_on: (set_pdl_default(on), set_pdl_wide(wide_on)),
+                                 restore_pdl)
             del gen
     except Exception:
         record_error("sparse engine")

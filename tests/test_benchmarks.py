@@ -1,0 +1,29 @@
+"""The engine benchmark's harness on the CPU (tiny model, interpreter kernels): every variant it
+times must run, pass its gates and land in the JSON. Speed is not checked here (benchmarks/)."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.interpreter
+
+
+def test_bench_engine_variants_run_and_are_gated(tmp_path):
+    from benchmarks.bench_engine import main
+
+    out = tmp_path / "engine.json"
+    main(["--shape", "tiny-llama", "--device", "cpu", "--sparsities", "0,0.5", "--batches", "1",
+          "--repeats", "1", "--skip-hf", "--new-tokens", "6", "--prompt-len", "12", "--calib-tokens", "48",
+          "--attention", "matmul", "--act-boundary", "on", "--compare-fused-prologue", "--pdl",
+          "--pdl-wide-off", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == [] and doc["gates_passed"], (doc["errors"], doc["gates"])
+    assert set(doc["sparse_by_s"]) == {"0.0", "0.5"}
+    # the option and PDL variants: their own rates at the levels they time, and their own gates
+    for name, levels in (("fused_prologue", {"0.0", "0.5"}), ("nopdl", {"0.5"}), ("pdl_narrow", {"0.5"})):
+        assert set(doc[f"sparse_{name}_by_s"]) == levels, name
+        assert all(v["tok_s"] > 0 for v in doc[f"sparse_{name}_by_s"].values())
+        assert any(g.endswith("_" + name) for g in doc["gates"]), name
+    # the sparse path skipped about half the rows at s=0.5 and none at s=0
+    assert doc["sparse_by_s"]["0.0"]["achieved"]["rows_skipped"] == 0.0
+    assert 0.3 < doc["sparse_by_s"]["0.5"]["achieved"]["rows_skipped"] < 0.7
