@@ -334,9 +334,6 @@ def main(argv=None) -> dict:
                    help="also time sparse B=1 at the batch sparsity and the highest one with programmatic "
                         "dependent launch of the sparse GEMVs and the decode attention switched to the other "
                         "setting than the default (sparse_gemv.set_pdl_default; on by default)")
-    p.add_argument("--pdl-wide-off", action="store_true",
-                   help="also time sparse B=1 with PDL on except for the wide B=1 gate/up tile "
-                        "(sparse_gemv.set_pdl_wide(False))")
     p.add_argument("--gemv-configs", default=None,
                    help="sparse_gemv configs chosen by bench_sparse_gemv.py --sweep --save-choice")
     args = p.parse_args(argv)
@@ -567,28 +564,16 @@ def main(argv=None) -> dict:
                     name = "un" + option if is_on() else option
                     time_variant(name, name, sparsities, lambda setter=setter, is_on=is_on: setter(not is_on()),
                                  lambda setter=setter: setter("auto"))
-                # PDL: the opposite of the default (--pdl), and the default on but without the wide
-                # gate/up tile (--pdl-wide-off), at the batch sparsity and the highest one. With PDL on,
-                # Inductor's copies around the traced attention once made 430 kernels per step
-                # instead of 174 (docs/RESULTS.md), hence the step profile of each.
-                from actsparse.kernels.sparse_gemv import pdl_default, pdl_wide, set_pdl_default, set_pdl_wide
-
-                pdl0, wide0 = pdl_default(), pdl_wide()
-                pdl_variants = []
+                # PDL switched to the other setting than the default, at the batch sparsity and the
+                # highest one. With PDL on, Inductor's copies around the traced attention once made 430
+                # kernels per step instead of 174 (docs/RESULTS.md), hence the step profile.
                 if args.pdl:
-                    pdl_variants.append(("nopdl" if pdl0 else "pdl", not pdl0, wide0,
-                                         "without PDL" if pdl0 else "with PDL"))
-                if args.pdl_wide_off:
-                    pdl_variants.append(("pdl_narrow", True, False, "with PDL except the wide tile"))
+                    from actsparse.kernels.sparse_gemv import pdl_default, set_pdl_default
 
-                def restore_pdl():
-                    set_pdl_default(pdl0)
-                    set_pdl_wide(wide0)
-
-                for name, on, wide_on, label in pdl_variants:
-                    time_variant(name, label, tuple(dict.fromkeys((args.batch_sparsity, max(sparsities)))),
-                                 lambda on=on, wide_on=wide_on: (set_pdl_default(on), set_pdl_wide(wide_on)),
-                                 restore_pdl)
+                    pdl0 = pdl_default()
+                    time_variant("nopdl" if pdl0 else "pdl", "without PDL" if pdl0 else "with PDL",
+                                 tuple(dict.fromkeys((args.batch_sparsity, max(sparsities)))),
+                                 lambda: set_pdl_default(not pdl0), lambda: set_pdl_default(pdl0))
             del gen
     except Exception:
         record_error("sparse engine")

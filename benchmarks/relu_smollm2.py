@@ -303,19 +303,20 @@ def main(argv=None) -> int:
     # ---- throughput probe and step budget --------------------------------------------------------
     peaks = [float(x) for x in args.peaks.split(",") if x.strip()]
 
-    def config(steps, l1_peak=None, distill=0.0, hidden=0.0, ramp=None):
-        """ramp: None for the SiLU control; True/False for ReLU runs (with or without --fat-ramp)."""
+    def config(steps, l1_peak=None, distill=0.0, hidden=0.0, relu=False):
+        """relu: a ReLU run of the sweep (--fat-ramp and --relu-anneal apply); False for the SiLU
+        control and the resume check."""
         l1 = L1Schedule.even(steps, [l1_peak / 4, l1_peak / 2, l1_peak, l1_peak], warmup_steps=steps // 5) \
             if l1_peak else None
         fat_ramp = None
-        if ramp and args.fat_ramp:
+        if relu and args.fat_ramp:
             start, end = (float(v) for v in args.fat_ramp_span.split(","))
             fat_ramp = FatRamp(target=args.fat_ramp, start=start, end=end, every=args.fat_ramp_every)
         return TrainConfig(steps=steps, seq_len=args.context, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
                            weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, hidden_distill=hidden,
                            fat_ramp=fat_ramp, seed=0, log_every=10,
-                           relu_anneal=ReluAnneal(end=args.relu_anneal) if ramp is not None and args.relu_anneal else None,
+                           relu_anneal=ReluAnneal(end=args.relu_anneal) if relu and args.relu_anneal else None,
                            # a time-sliced run also checkpoints on the way: a call cut off by its
                            # timeout loses at most 300 steps (without it, one H100 call lost 2400)
                            checkpoint_every=300 if args.e2e_checkpoint else 0)
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
         measure(start_model, "relufied_layerwise", steps=n)
 
     def run(name, silu=False, l1_peak=None, distill=0.0, fat=True, hidden=0.0):
-        cfg = config(steps, l1_peak, distill, hidden, ramp=None if silu else True)
+        cfg = config(steps, l1_peak, distill, hidden, relu=not silu)
         teacher = distill or hidden
         need = steps * batch_tokens / (tps_distill if teacher else tps) * 1.1 + (15 if fat else 5)
         ckpt_dir = Path(args.e2e_checkpoint) / name if args.e2e_checkpoint else None

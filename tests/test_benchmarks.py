@@ -14,13 +14,12 @@ def test_bench_engine_variants_run_and_are_gated(tmp_path):
     out = tmp_path / "engine.json"
     main(["--shape", "tiny-llama", "--device", "cpu", "--sparsities", "0,0.5", "--batches", "1",
           "--repeats", "1", "--skip-hf", "--new-tokens", "6", "--prompt-len", "12", "--calib-tokens", "48",
-          "--attention", "matmul", "--act-boundary", "on", "--compare-fused-prologue", "--pdl",
-          "--pdl-wide-off", "--out", str(out)])
+          "--attention", "matmul", "--act-boundary", "on", "--compare-fused-prologue", "--pdl", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["errors"] == [] and doc["gates_passed"], (doc["errors"], doc["gates"])
     assert set(doc["sparse_by_s"]) == {"0.0", "0.5"}
     # the option and PDL variants: their own rates at the levels they time, and their own gates
-    for name, levels in (("fused_prologue", {"0.0", "0.5"}), ("nopdl", {"0.5"}), ("pdl_narrow", {"0.5"})):
+    for name, levels in (("fused_prologue", {"0.0", "0.5"}), ("nopdl", {"0.5"})):
         assert set(doc[f"sparse_{name}_by_s"]) == levels, name
         assert all(v["tok_s"] > 0 for v in doc[f"sparse_{name}_by_s"].values())
         assert any(g.endswith("_" + name) for g in doc["gates"]), name

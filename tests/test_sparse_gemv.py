@@ -265,26 +265,6 @@ def test_pdl_default_rides_on_picked_configs(monkeypatch):
         sg.set_pdl_default(default)
 
 
-def test_pdl_wide_switch_leaves_only_the_wide_b1_tile_out():
-    """set_pdl_wide(False): the wide B=1 tile (N >= WIDE_N) launches without PDL, every other picked
-    config keeps the default; with the default off it changes nothing."""
-    default, wide = sg.pdl_default(), sg.pdl_wide()
-    try:
-        sg.set_pdl_default(True)
-        sg.set_pdl_wide(False)
-        assert not pick_config(4096, sg.WIDE_N, 1).pdl and not pick_config(4096, 28672, 1).pdl
-        assert pick_config(4096, sg.WIDE_N - 1, 1).pdl and pick_config(14336, 4096, 1).pdl
-        assert pick_config(4096, 28672, 2).pdl  # batched configs are not the wide tile
-        sg.set_pdl_wide(True)
-        assert pick_config(4096, 28672, 1).pdl
-        sg.set_pdl_default(False)
-        sg.set_pdl_wide(False)
-        assert not pick_config(4096, 4096, 1).pdl and not pick_config(4096, 28672, 1).pdl
-    finally:
-        sg.set_pdl_default(default)
-        sg.set_pdl_wide(wide)
-
-
 ADD_CASES = [  # (K, N, B, sparsity%, dtype, config): odd shapes, split-K and single-split programs
     (193, 333, 1, 50, torch.bfloat16, None),
     (577, 1001, 1, 90, torch.float16, None),

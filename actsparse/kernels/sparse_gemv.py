@@ -617,29 +617,9 @@ def pdl_default() -> bool:
     return _PDL_DEFAULT[0]
 
 
-# The wide B=1 tile (N >= WIDE_N, a fused gate/up) measured 5-6% slower with PDL at s=0 and s=0.5
-# on the Llama-3-8B gate/up, timed back to back in the kernel benchmark. Most narrower calls gained
-# 2-14% (H200, 2026-12-05). set_pdl_wide(False) (ACTSPARSE_GEMV_PDL_WIDE=0) launches that tile
-# without PDL while the default is on. In the engine this lost to PDL everywhere: 245.2 against
-# 247.5 tok/s at s=0.5 (H100, same run; docs/RESULTS.md), so the switch is on by default.
-WIDE_N = 16384
-_PDL_WIDE = [os.environ.get("ACTSPARSE_GEMV_PDL_WIDE", "1") != "0"]
-
-
-def set_pdl_wide(on: bool) -> None:
-    """Whether the PDL default reaches the wide B=1 tile (N >= WIDE_N) too (see WIDE_N)."""
-    _PDL_WIDE[0] = bool(on)
-
-
-def pdl_wide() -> bool:
-    return _PDL_WIDE[0]
-
-
 def pick_config(K: int, N: int, B: int) -> GemvConfig:
     config = _pick_config(K, N, B)
-    if not _PDL_DEFAULT[0] or (not _PDL_WIDE[0] and B == 1 and N >= WIDE_N):
-        return config
-    return dataclasses.replace(config, pdl=True)
+    return dataclasses.replace(config, pdl=True) if _PDL_DEFAULT[0] else config
 
 
 def _pick_config(K: int, N: int, B: int) -> GemvConfig:
@@ -656,7 +636,7 @@ def _pick_config(K: int, N: int, B: int) -> GemvConfig:
     if tuned is not None:
         return _clamped(tuned, K, N)
     if B == 1:
-        if N >= WIDE_N:
+        if N >= 16384:
             return _clamped(GemvConfig(32, 256, num_warps=4, programs_per_sm=4, compact=True), K, N)
         # prefetch: measured neutral to 6% faster on qkv/o/down shapes (H100, 1f55bbd); not with
         # the 256-wide tiles above, where with PDL it was 17% slower at s=0.9
