@@ -174,6 +174,8 @@ def relufy(
                                  "(x * sigmoid(beta x), beta 1 -> 64) over this fraction of the steps; needs "
                                  "--layerwise-steps 0 (0: ReLU from the first step)"),
     checkpoint_every: int = typer.Option(25),
+    compile: bool = typer.Option(False, help="torch.compile each decoder layer for the fine-tune (same result; "
+                                 "benchmarks/bench_relu_train.py measures the gain)"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints after an interruption"),
     device: Optional[str] = typer.Option(None, help="cuda (default when available) or cpu"),
 ):
@@ -218,7 +220,7 @@ def relufy(
                                            warmup_steps=steps // 5) if l1_peak > 0 else None,
                         distill_alpha=distill, hidden_distill=hidden_distill, fat_ramp=ramp,
                         relu_anneal=ReluAnneal(end=anneal) if anneal else None,
-                        checkpoint_every=checkpoint_every,
+                        checkpoint_every=checkpoint_every, compile=compile,
                         bf16=device.startswith("cuda"))
     layerwise = None
     if layerwise_steps:

@@ -127,16 +127,26 @@ def parse_args(argv=None):
     p.add_argument("--layerwise-cache", default="",
                    help="load the layer-wise distilled model's weights from this file if it exists, else save them there")
     p.add_argument("--no-resume-check", action="store_true", help="skip the 6 vs 3+3 step resume check")
+    p.add_argument("--no-probe", action="store_true",
+                   help="skip the throughput probes (needs --max-steps; the later calls of a time-sliced run)")
     p.add_argument("--holdout-fraction", type=float, default=0.05)
     p.add_argument("--e2e-checkpoint", default="",
                    help="each e2e run checkpoints to DIR/<run name> and resumes from it if it is there: a run "
                         "longer than one call spreads over several (on one machine)")
+    p.add_argument("--e2e-checkpoint-every", type=int, default=300,
+                   help="with --e2e-checkpoint: optimizer steps between checkpoints (a safety net; a run that "
+                        "reaches --deadline-s checkpoints and stops by itself, 20 s before it)")
+    p.add_argument("--compile", action="store_true",
+                   help="TrainConfig(compile=True): torch.compile each decoder layer for the fine-tunes "
+                        "(benchmarks/bench_relu_train.py measures what it gains)")
     p.add_argument("--e2e-stop-after", type=int, default=0,
                    help="with --e2e-checkpoint: stop each e2e run after this many steps in total (a later call "
                         "resumes it); its figures come from the call that finishes it")
     args = p.parse_args(argv)
     if args.e2e_stop_after and not args.e2e_checkpoint:
         p.error("--e2e-stop-after needs --e2e-checkpoint")
+    if args.no_probe and not (args.max_steps and args.no_resume_check):
+        p.error("--no-probe needs --max-steps and --no-resume-check (the probes size the run and check resuming)")
     if args.max_steps and args.max_steps < 5:
         p.error("--max-steps must be >= 5 (an L1-off warm-up and four L1 stages)")
     return args
@@ -224,6 +234,7 @@ def subsample(values, n=60):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
+    t_mono = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -317,9 +328,10 @@ def main(argv=None) -> int:
                            weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, hidden_distill=hidden,
                            fat_ramp=fat_ramp, seed=0, log_every=10,
                            relu_anneal=ReluAnneal(end=args.relu_anneal) if relu and args.relu_anneal else None,
+                           compile=args.compile,
                            # a time-sliced run also checkpoints on the way: a call cut off by its
-                           # timeout loses at most 300 steps (without it, one H100 call lost 2400)
-                           checkpoint_every=300 if args.e2e_checkpoint else 0)
+                           # timeout loses at most that many steps (without it, one H100 call lost 2400)
+                           checkpoint_every=args.e2e_checkpoint_every if args.e2e_checkpoint else 0)
 
     def probe(distill, checkpoint_dir=None):
         m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
@@ -328,7 +340,10 @@ def main(argv=None) -> int:
         return args.batch_size * args.context / statistics.median(h.step_seconds[2:]), m
 
     ckpt_root = Path(os.environ.get("TMPDIR", "/tmp")) / "relu_smollm2_ckpt"
-    tps, straight = probe(0.0, None if args.no_resume_check else ckpt_root / "straight")
+    if args.no_probe:
+        tps, straight = float("nan"), None
+    else:
+        tps, straight = probe(0.0, None if args.no_resume_check else ckpt_root / "straight")
     # Checkpoint/resume on this device: 3 steps, then resume for 3 more, against the 6 straight steps.
     if not args.no_resume_check:
         m = relufy_(copy.deepcopy(original).requires_grad_(True), ReluConfig())
@@ -344,7 +359,7 @@ def main(argv=None) -> int:
         del m
     del straight
     alpha_any = args.distill_alpha or args.relu_distill_alpha or args.hidden_distill
-    tps_distill = probe(alpha_any)[0] if alpha_any > 0 else tps
+    tps_distill = probe(alpha_any)[0] if alpha_any > 0 and not args.no_probe else tps
     relu_teacher = bool(args.relu_distill_alpha or args.hidden_distill)
     batch_tokens = args.batch_size * args.context
     n_relu = (0 if args.skip_l1_off else 1) + len(peaks)  # relu (L1 off), one run per L1 peak
@@ -352,7 +367,7 @@ def main(argv=None) -> int:
         + (batch_tokens / tps_distill if args.distill_alpha > 0 else 0)
     # the layer-wise stage costs about a teacher forward plus the MLPs' backward per step
     lw_s = args.layerwise_steps * batch_tokens / tps_distill if args.layerwise_steps else 0.0
-    steps_time = int(max(0.0, args.train_budget_s - lw_s) / per_step_s)
+    steps_time = int(max(0.0, args.train_budget_s - lw_s) / per_step_s) if not args.no_probe else 0
     steps_epochs = int(args.max_epochs * train_tokens / batch_tokens)
     steps = args.max_steps or max(10, min(steps_time, steps_epochs))
     doc["budget"] = {"tokens_per_s": tps, "tokens_per_s_distill": tps_distill, "batch_tokens": batch_tokens,
@@ -418,9 +433,11 @@ def main(argv=None) -> int:
             relufy_(model, ReluConfig())
         h = train_relu(model, tok, train_text, cfg, teacher=original if teacher else None, progress=False,
                        extra_windows=extra, checkpoint_dir=ckpt_dir, resume=resume,
-                       stop_after=args.e2e_stop_after or None)
+                       stop_after=args.e2e_stop_after or None,
+                       # a time-sliced run stops itself before the deadline, leaving time to save
+                       stop_at=t_mono + args.deadline_s - 20 if ckpt_dir is not None else None)
         model.requires_grad_(False)
-        if len(h.lm_loss) < steps:  # stopped by --e2e-stop-after: figures come when a later call finishes it
+        if len(h.lm_loss) < steps:  # stopped early (step or time limit): figures come when a later call finishes it
             doc.setdefault("partial", {})[name] = {"steps_done": len(h.lm_loss), "steps": steps,
                                                    "checkpoint": str(ckpt_dir)}
             log(f"{name}: stopped at step {len(h.lm_loss)} of {steps}; resume with the same arguments")

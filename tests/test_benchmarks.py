@@ -26,3 +26,19 @@ def test_bench_engine_variants_run_and_are_gated(tmp_path):
     # the sparse path skipped about half the rows at s=0.5 and none at s=0
     assert doc["sparse_by_s"]["0.0"]["achieved"]["rows_skipped"] == 0.0
     assert 0.3 < doc["sparse_by_s"]["0.5"]["achieved"]["rows_skipped"] < 0.7
+
+
+def test_bench_relu_train_harness_gates_eager_against_compiled(tmp_path):
+    """bench_relu_train on the CPU: both modes train, the first-step gate compares them, and the
+    compiled layers come back uncompiled (a rate is only reported when the gates pass)."""
+    from benchmarks.bench_relu_train import main
+
+    out = tmp_path / "relu_train.json"
+    assert main(["--tiny", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                 "--context", "32", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["gates_passed"] and doc["errors"] == []
+    assert set(doc["gates"]) == {"eager_layers_handed_back_uncompiled", "compiled_layers_handed_back_uncompiled",
+                                 "first_step_loss", "first_step_sparsity"}
+    assert doc["first_step"]["loss_rel_diff"] < 1e-3  # fp32 on the CPU: rounding only
+    assert doc["eager"]["tokens_per_s"] > 0 and doc["compiled_speedup"] > 0

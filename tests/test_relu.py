@@ -680,3 +680,50 @@ def test_sample_teacher_windows_engine_backend():
         for _ in range(16):  # the teacher's greedy continuation (HF forward, no cache)
             seq = torch.cat([seq, teacher(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cold, seq)
+
+
+def test_compiled_layers_train_like_eager_and_are_handed_back():
+    """TrainConfig(compile=True) compiles every decoder layer (student and teacher) for the run: the
+    same losses, KL, hidden-state term, sparsity and FatRamp thresholds as eager (to rounding),
+    and afterwards both models run eagerly again. The activation hooks still see every layer."""
+    tok = ByteTokenizer()
+    config = small_train_config(steps=6, distill_alpha=1.0, hidden_distill=1.0,
+                                fat_ramp=FatRamp(target=0.8, start=0.2, end=0.8, every=1, samples=2048))
+    teacher = tiny_model("llama", num_hidden_layers=3)
+    eager = relufy_(tiny_model("llama", num_hidden_layers=3, seed=2), ReluConfig()).requires_grad_(True)
+    compiled = copy.deepcopy(eager)
+    h_e = train_relu(eager, tok, TEXT, config, teacher=teacher, progress=False)
+    h_c = train_relu(compiled, tok, TEXT, dataclasses.replace(config, compile=True), teacher=teacher, progress=False)
+    for a, b in ((h_e.loss, h_c.loss), (h_e.kl, h_c.kl), (h_e.hidden, h_c.hidden), (h_e.lm_loss, h_c.lm_loss)):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert h_e.sparsity == pytest.approx(h_c.sparsity, abs=1e-3) and min(h_e.sparsity) > 0.3
+    assert fat_thresholds(eager) == pytest.approx(fat_thresholds(compiled), rel=1e-3)
+    assert max(fat_thresholds(eager).values()) > 0
+    for key, value in eager.state_dict().items():
+        assert torch.allclose(value, compiled.state_dict()[key], atol=1e-4), key
+    for layer in list(compiled.model.layers) + list(teacher.model.layers):
+        assert layer._compiled_call_impl is None
+    with pytest.raises(ActsparseError, match="relu_anneal"):
+        small_train_config(compile=True, relu_anneal=ReluAnneal())
+
+
+def test_stop_at_deadline_checkpoints_and_resumes(tmp_path):
+    """A wall-clock deadline (stop_at) ends the run after the step that passes it, with a
+    checkpoint; resuming gives the uninterrupted run's weights."""
+    import time
+
+    tok = ByteTokenizer()
+    config = small_train_config(steps=6, checkpoint_every=0)
+    straight = relufy_(tiny_model("llama"), ReluConfig())
+    h_straight = train_relu(straight, tok, TEXT, config, progress=False)
+    first = relufy_(tiny_model("llama"), ReluConfig())
+    h_first = train_relu(first, tok, TEXT, config, checkpoint_dir=tmp_path, stop_at=time.monotonic(), progress=False)
+    assert h_first.step == [0]
+    resumed = relufy_(tiny_model("llama", seed=9), ReluConfig())
+    h = train_relu(resumed, tok, TEXT, config, checkpoint_dir=tmp_path, resume=True,
+                   stop_at=time.monotonic() + 3600, progress=False)
+    assert h.step == list(range(6)) and h.loss == h_straight.loss
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    with pytest.raises(ActsparseError, match="checkpoint_dir"):
+        train_relu(first, tok, TEXT, config, stop_at=time.monotonic(), progress=False)

@@ -51,6 +51,7 @@ class ActivationTap:
         self._handles.clear()
 
     def _make_hook(self, index: int):
+        @torch.compiler.disable  # python-side bookkeeping: a compiled layer (train_relu's compile) runs it eagerly
         def hook(module, inputs, a):
             # a: [B, T, F]
             if self.track_l1:

@@ -220,6 +220,7 @@ class TrainConfig:
     fat_ramp: FatRamp | None = None  # FATReLU thresholds raised during training; None = T stays as is
     relu_anneal: ReluAnneal | None = None  # smooth SiLU -> ReLU over the first steps; None = ReLU from step 0
     bf16: bool = True  # autocast to bf16 on CUDA (weights and optimizer stay fp32)
+    compile: bool = False  # torch.compile each decoder layer (student and teacher) for the run; same result
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end / stop
     seed: int = 0
     log_every: int = 10
@@ -259,6 +260,9 @@ class TrainConfig:
             raise ActsparseError("fat_ramp must be a FatRamp or None")
         if self.relu_anneal is not None and not isinstance(self.relu_anneal, ReluAnneal):
             raise ActsparseError("relu_anneal must be a ReluAnneal or None")
+        if self.compile and self.relu_anneal is not None:
+            raise ActsparseError("compile and relu_anneal do not go together (the anneal changes a python float "
+                                 "in every layer at every step, which would recompile the layers each step)")
         if self.relu_anneal is not None and self.fat_ramp is not None and self.fat_ramp.start < self.relu_anneal.end:
             raise ActsparseError(f"the FATReLU ramp starts at {self.fat_ramp.start} of the steps, before the "
                                  f"ReLU anneal ends ({self.relu_anneal.end}): thresholds need the ReLU")
@@ -393,7 +397,8 @@ def _make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
                checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
                teacher: nn.Module | None = None, stop_after: int | None = None,
-               progress: bool = True, extra_windows: torch.Tensor | None = None) -> TrainHistory:
+               progress: bool = True, extra_windows: torch.Tensor | None = None,
+               stop_at: float | None = None) -> TrainHistory:
     """Fine-tune ``model`` in place on ``text`` (packed into ``seq_len`` windows); returns the history.
 
     The model is usually relufied first (:func:`relufy_`); the same function trains the SiLU control.
@@ -405,12 +410,17 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
         call with ``resume=True`` finishes the run with the same result as an uninterrupted one.
     extra_windows: [M, seq_len] token ids trained on together with ``text`` (e.g. teacher samples,
         :func:`sample_teacher_windows`); a resumed run must be given the same ones.
+    stop_at: a ``time.monotonic()`` deadline: once a step ends past it, a checkpoint is written and
+        training stops (a job with a wall-clock limit); resume as with ``stop_after``. Needs
+        ``checkpoint_dir``.
     """
     use_teacher = config.distill_alpha > 0 or config.hidden_distill > 0
     if use_teacher and teacher is None:
         raise ActsparseError("distill_alpha > 0 or hidden_distill > 0 needs the teacher (original) model")
     if stop_after is not None and stop_after <= 0:
         raise ActsparseError("stop_after must be a positive number of steps")
+    if stop_at is not None and checkpoint_dir is None:
+        raise ActsparseError("stop_at needs a checkpoint_dir (a run stopped by the clock resumes from it)")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if resume and (ckpt_path is None or not ckpt_path.exists()):
         raise ActsparseError(f"nothing to resume: no {CHECKPOINT_FILE} in {checkpoint_dir}")
@@ -455,91 +465,123 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
 
     ramp = _Ramp(model, config, device, history) if config.fat_ramp is not None else None
     annealed = _annealed_modules(model, fresh=start == 0) if config.relu_anneal is not None else []
-    with ActivationTap(model, track_l1=True, count_zeros=True) as tap:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            if annealed:  # a pure function of the step, so a resumed run continues the same path
-                beta = config.relu_anneal.beta(step, config.steps)
-                for m in annealed:
-                    m.beta = beta
-            if ramp is not None:
-                ramp.begin_step(step)
-            factor = config.l1.factor(step) if config.l1 is not None else 0.0
-            sums = torch.zeros(5, device=device)  # loss, lm, l1, kl, hidden
-            tap.reset_counts()
-            hidden_states = config.hidden_distill > 0
-            for micro in range(config.grad_accum):
-                first = step * config.batch_size + micro * config.micro_batch_size
-                ids = data.batch(first, config.micro_batch_size).to(device)  # [b, T]
-                with autocast():
-                    out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+    compiled = _compile_layers(model, teacher) if config.compile else []
+    try:
+        with ActivationTap(model, track_l1=True, count_zeros=True) as tap:
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                if annealed:  # a pure function of the step, so a resumed run continues the same path
+                    beta = config.relu_anneal.beta(step, config.steps)
+                    for m in annealed:
+                        m.beta = beta
                 if ramp is not None:
-                    ramp.stop_sampling()  # one micro-batch's pre-activations are enough
-                logits = out.logits[:, :-1].flatten(0, 1).float()  # [b*(T-1), V]
-                lm = F.cross_entropy(logits, ids[:, 1:].flatten())
-                l1 = tap.pop_l1()
-                kl = torch.zeros((), device=device)
-                hid = torch.zeros((), device=device)
-                loss = lm
-                if use_teacher:
-                    with torch.no_grad(), autocast():
-                        t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
-                if config.distill_alpha > 0:
-                    t_logits = t_out.logits[:, :-1].flatten(0, 1)
-                    tau = config.distill_temperature
-                    kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits.float() / tau, -1),
-                                  log_target=True, reduction="batchmean") * tau**2
-                    loss = (1 - config.distill_alpha) * lm + config.distill_alpha * kl
-                if hidden_states:
-                    # every layer's output (embeddings excluded), relative to the teacher's energy
-                    hid = torch.stack([(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
-                                       for s, t in zip(out.hidden_states[1:], t_out.hidden_states[1:])]).mean()
-                    loss = loss + config.hidden_distill * hid
-                if factor > 0:
-                    loss = loss + factor * l1
-                (loss / config.grad_accum).backward()
-                sums += torch.stack([loss.detach(), lm.detach(), l1.detach(), kl.detach(), hid.detach()]) \
-                    / config.grad_accum
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ramp is not None:
-                ramp.end_step(step)  # the new thresholds apply from the next step
+                    ramp.begin_step(step)
+                factor = config.l1.factor(step) if config.l1 is not None else 0.0
+                sums = torch.zeros(5, device=device)  # loss, lm, l1, kl, hidden
+                tap.reset_counts()
+                hidden_states = config.hidden_distill > 0
+                for micro in range(config.grad_accum):
+                    first = step * config.batch_size + micro * config.micro_batch_size
+                    ids = data.batch(first, config.micro_batch_size).to(device)  # [b, T]
+                    with autocast():
+                        out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+                    if ramp is not None:
+                        ramp.stop_sampling()  # one micro-batch's pre-activations are enough
+                    logits = out.logits[:, :-1].flatten(0, 1).float()  # [b*(T-1), V]
+                    # weight 0 in the loss (pure distillation): logged only, no backward through it
+                    lm = F.cross_entropy(logits.detach() if config.distill_alpha == 1 else logits, ids[:, 1:].flatten())
+                    l1 = tap.pop_l1()
+                    kl = torch.zeros((), device=device)
+                    hid = torch.zeros((), device=device)
+                    loss = lm
+                    if use_teacher:
+                        with torch.no_grad(), autocast():
+                            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+                    if config.distill_alpha > 0:
+                        t_logits = t_out.logits[:, :-1].flatten(0, 1)
+                        tau = config.distill_temperature
+                        kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits.float() / tau, -1),
+                                      log_target=True, reduction="batchmean") * tau**2
+                        loss = (1 - config.distill_alpha) * lm + config.distill_alpha * kl
+                    if hidden_states:
+                        # every layer's output (embeddings excluded), relative to the teacher's energy
+                        hid = torch.stack([(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+                                           for s, t in zip(out.hidden_states[1:], t_out.hidden_states[1:])]).mean()
+                        loss = loss + config.hidden_distill * hid
+                    if factor > 0:
+                        loss = loss + factor * l1
+                    (loss / config.grad_accum).backward()
+                    sums += torch.stack([loss.detach(), lm.detach(), l1.detach(), kl.detach(), hid.detach()]) \
+                        / config.grad_accum
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ramp is not None:
+                    ramp.end_step(step)  # the new thresholds apply from the next step
 
-            loss_v, lm_v, l1_v, kl_v, hid_v = sums.tolist()  # one host sync per step
-            if not math.isfinite(loss_v):
-                raise ActsparseError(f"training diverged at step {step} (loss {loss_v}); lower lr or the L1 peaks")
-            history.step.append(step)
-            history.loss.append(loss_v)
-            history.lm_loss.append(lm_v)
-            history.l1.append(l1_v)
-            history.l1_factor.append(factor)
-            history.kl.append(kl_v)
-            history.hidden.append(hid_v)
-            history.sparsity.append(tap.sparsity())
-            history.lr.append(lr)
-            history.step_seconds.append(time.perf_counter() - t0)
-            history.seconds += history.step_seconds[-1]
-            history.tokens += config.batch_tokens
-            if bar is not None:
-                bar.update(1)
-                if (step + 1) % config.log_every == 0 or step + 1 == end:
-                    bar.set_postfix(lm=f"{lm_v:.3f}", l1=f"{l1_v:.4f}", lam=f"{factor:.3g}",
-                                    sparsity=f"{history.sparsity[-1]:.3f}")
-            done = step + 1
-            if ckpt_path is not None and (
-                (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end
-            ):
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, done, config, history)
+                loss_v, lm_v, l1_v, kl_v, hid_v = sums.tolist()  # one host sync per step
+                if not math.isfinite(loss_v):
+                    raise ActsparseError(f"training diverged at step {step} (loss {loss_v}); lower lr or the L1 peaks")
+                history.step.append(step)
+                history.loss.append(loss_v)
+                history.lm_loss.append(lm_v)
+                history.l1.append(l1_v)
+                history.l1_factor.append(factor)
+                history.kl.append(kl_v)
+                history.hidden.append(hid_v)
+                history.sparsity.append(tap.sparsity())
+                history.lr.append(lr)
+                history.step_seconds.append(time.perf_counter() - t0)
+                history.seconds += history.step_seconds[-1]
+                history.tokens += config.batch_tokens
+                if bar is not None:
+                    bar.update(1)
+                    if (step + 1) % config.log_every == 0 or step + 1 == end:
+                        bar.set_postfix(lm=f"{lm_v:.3f}", l1=f"{l1_v:.4f}", lam=f"{factor:.3g}",
+                                        sparsity=f"{history.sparsity[-1]:.3f}")
+                done = step + 1
+                out_of_time = stop_at is not None and done < end and time.monotonic() > stop_at
+                if ckpt_path is not None and (
+                    (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end or out_of_time
+                ):
+                    save_checkpoint(ckpt_path, model, optimizer, scheduler, done, config, history)
+                if out_of_time:
+                    break
+    finally:
+        _uncompile(compiled)
     if bar is not None:
         bar.close()
     for m in annealed:  # a run stopped mid-anneal (stop_after) resumes it; the model handed back is ReLU
         m.beta = None
     model.eval()
     return history
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise ActsparseError(f"compile: no decoder layers (model.model.layers) in {type(model).__name__}")
+    return list(layers)
+
+
+def _compile_layers(model: nn.Module, teacher: nn.Module | None) -> list[nn.Module]:
+    """``torch.compile`` every decoder layer of the student (and teacher) in place ("regional"
+    compilation: the layers share one compiled graph, so compiling costs about one layer's time).
+    The activation hooks (L1, zero counts, FatRamp samples) run eagerly between the compiled parts.
+    Returns the layers to hand to :func:`_uncompile`."""
+    layers = _decoder_layers(model) + (_decoder_layers(teacher) if teacher is not None else [])
+    for layer in layers:
+        layer.compile()
+    return layers
+
+
+def _uncompile(layers: list[nn.Module]) -> None:
+    """Undo :func:`_compile_layers`: the model handed back runs eagerly (as it does without compile)."""
+    for layer in layers:
+        layer._compiled_call_impl = None  # what nn.Module.compile() set
 
 
 def _annealed_modules(model: nn.Module, fresh: bool) -> list[FATReLU]:
@@ -579,6 +621,7 @@ class _Ramp:
                 self.handles.append(module.register_forward_hook(self._hook(name, gen)))
 
     def _hook(self, name: str, gen: torch.Generator):
+        @torch.compiler.disable
         def hook(module, inputs, out):
             g = inputs[0].detach().reshape(-1)  # gate(x), [B*T*F]
             idx = torch.randint(0, g.numel(), (self.ramp.samples,), device=g.device, generator=gen)
