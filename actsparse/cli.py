@@ -173,9 +173,13 @@ def relufy(
     anneal: float = typer.Option(0.0, help="instead of the layer-wise stage, go from SiLU to ReLU smoothly "
                                  "(x * sigmoid(beta x), beta 1 -> 64) over this fraction of the steps; needs "
                                  "--layerwise-steps 0 (0: ReLU from the first step)"),
-    checkpoint_every: int = typer.Option(25),
+    checkpoint_every: int = typer.Option(0, help="also checkpoint every this many fine-tune steps (0: off)"),
+    checkpoint_minutes: float = typer.Option(5.0, help="checkpoint the fine-tune after this much wall time since "
+                                             "the last checkpoint, and at the end (0: only at the end)"),
     compile: bool = typer.Option(False, help="torch.compile each decoder layer for the fine-tune (same result; "
-                                 "benchmarks/bench_relu_train.py measures the gain)"),
+                                 "0.89x on an H100 with SmolLM2, docs/RESULTS.md)"),
+    loss_chunk: Optional[int] = typer.Option(None, help="tokens per chunk of the fine-tune's loss (default: by the "
+                                             "vocabulary; 0: the whole logits tensor at once). Same loss"),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoints after an interruption"),
     device: Optional[str] = typer.Option(None, help="cuda (default when available) or cpu"),
 ):
@@ -220,7 +224,8 @@ def relufy(
                                            warmup_steps=steps // 5) if l1_peak > 0 else None,
                         distill_alpha=distill, hidden_distill=hidden_distill, fat_ramp=ramp,
                         relu_anneal=ReluAnneal(end=anneal) if anneal else None,
-                        checkpoint_every=checkpoint_every, compile=compile,
+                        checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+                        compile=compile, loss_chunk=loss_chunk,
                         bf16=device.startswith("cuda"))
     layerwise = None
     if layerwise_steps:

@@ -139,6 +139,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="TrainConfig(compile=True): torch.compile each decoder layer for the fine-tunes "
                         "(benchmarks/bench_relu_train.py measures what it gains)")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="TrainConfig.loss_chunk: tokens per chunk of the loss (default by the vocabulary; 0: the "
+                        "whole logits tensor, the path of runs 1-15)")
     p.add_argument("--e2e-stop-after", type=int, default=0,
                    help="with --e2e-checkpoint: stop each e2e run after this many steps in total (a later call "
                         "resumes it); its figures come from the call that finishes it")
@@ -328,7 +331,7 @@ def main(argv=None) -> int:
                            weight_decay=args.weight_decay, l1=l1, distill_alpha=distill, hidden_distill=hidden,
                            fat_ramp=fat_ramp, seed=0, log_every=10,
                            relu_anneal=ReluAnneal(end=args.relu_anneal) if relu and args.relu_anneal else None,
-                           compile=args.compile,
+                           compile=args.compile, loss_chunk=args.loss_chunk,
                            # a time-sliced run also checkpoints on the way: a call cut off by its
                            # timeout loses at most that many steps (without it, one H100 call lost 2400)
                            checkpoint_every=args.e2e_checkpoint_every if args.e2e_checkpoint else 0)

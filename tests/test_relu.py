@@ -727,3 +727,96 @@ def test_stop_at_deadline_checkpoints_and_resumes(tmp_path):
         assert torch.equal(value, resumed.state_dict()[key]), key
     with pytest.raises(ActsparseError, match="checkpoint_dir"):
         train_relu(first, tok, TEXT, config, stop_at=time.monotonic(), progress=False)
+
+
+# --- the chunked loss (relu/loss.py) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha,tau,softcap,chunk", [(0.0, 1.0, None, 5), (0.4, 2.0, None, 1), (1.0, 1.0, None, 64),
+                                                     (1.0, 0.7, 3.0, 7), (0.0, 1.0, 3.0, 13)])
+def test_chunked_lm_loss_matches_full_logits(alpha, tau, softcap, chunk):
+    """Loss, its parts and the gradients of the hidden states and the head weight equal those of
+    cross-entropy + KL on the whole logits tensor, for any chunk (1 token, not dividing N, > N)."""
+    import torch.nn.functional as F
+
+    from actsparse.relu.loss import chunked_lm_loss
+
+    g = torch.Generator().manual_seed(int(alpha * 10 + chunk))
+    n, d, v = 37, 16, 101
+    h = torch.randn(n, d, generator=g).requires_grad_(True)
+    w = torch.randn(v, d, generator=g).requires_grad_(True)
+    th, tw = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    cap = (lambda z: z) if softcap is None else (lambda z: torch.tanh(z / softcap) * softcap)
+    z, zt = cap(h @ w.t()), cap(th @ tw.t())
+    lm = F.cross_entropy(z, labels)
+    kl = F.kl_div(F.log_softmax(z / tau, -1), F.log_softmax(zt / tau, -1), log_target=True,
+                  reduction="batchmean") * tau**2
+    ((1 - alpha) * lm + alpha * kl).backward()
+    ref_h, ref_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss, lm_c, kl_c = chunked_lm_loss(h, w, labels, alpha=alpha, tau=tau, teacher_h=th, teacher_weight=tw,
+                                       chunk=chunk, softcap=softcap)
+    (3.0 * loss).backward()  # the upstream gradient is applied
+    assert loss.item() == pytest.approx(((1 - alpha) * lm + alpha * kl).item(), rel=1e-5)
+    assert lm_c.item() == pytest.approx(lm.item(), rel=1e-5) and not lm_c.requires_grad
+    assert kl_c.item() == (pytest.approx(kl.item(), rel=1e-5) if alpha > 0 else 0.0)
+    torch.testing.assert_close(h.grad, 3.0 * ref_h, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, 3.0 * ref_w, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="teacher"):
+        chunked_lm_loss(h, w, labels, alpha=0.5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_loss_trains_like_the_plain_path(family):
+    """train_relu's default loss (decoder without its head, loss in chunks) gives the plain path's
+    losses and weights (loss_chunk=0, model(...).logits) on every family, Gemma's soft-capped and
+    tied heads included; the head module itself is never called on the chunked path."""
+    from actsparse.relu.loss import lm_parts
+
+    tok = ByteTokenizer()
+    teacher = tiny_model(family, num_hidden_layers=2)
+    chunked = relufy_(tiny_model(family, seed=2), ReluConfig()).requires_grad_(True)
+    plain = copy.deepcopy(chunked)
+    assert lm_parts(chunked) is not None
+    calls = []
+    handle = chunked.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    config = small_train_config(steps=4, distill_alpha=0.5, hidden_distill=1.0, loss_chunk=7,
+                                l1=L1Schedule(stages=[(2, 0.0), (2, 0.5)]))
+    h_c = train_relu(chunked, tok, TEXT, config, teacher=teacher, progress=False)
+    handle.remove()
+    h_p = train_relu(plain, tok, TEXT, dataclasses.replace(config, loss_chunk=0), teacher=teacher, progress=False)
+    assert calls == []
+    for a, b in ((h_c.loss, h_p.loss), (h_c.kl, h_p.kl), (h_c.lm_loss, h_p.lm_loss), (h_c.hidden, h_p.hidden)):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert min(h_c.kl) > 0
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(chunked.state_dict()[key], value, rtol=1e-3, atol=1e-5, msg=key)
+    with pytest.raises(ActsparseError, match="loss_chunk"):
+        small_train_config(loss_chunk=-1)
+
+
+def test_checkpoint_minutes_writes_by_wall_time(tmp_path, monkeypatch):
+    """checkpoint_minutes: a checkpoint once that much time has passed since the last one (here
+    every step, with a clock that advances a minute a step), none in between when it is long, and
+    always one at the end."""
+    import time as time_mod
+
+    from actsparse.relu import train as train_mod
+
+    saved = []
+    real_save = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint",
+                        lambda path, model, opt, sched, step, *a: (saved.append(step),
+                                                                   real_save(path, model, opt, sched, step, *a)))
+    tok = ByteTokenizer()
+    for minutes, expected in ((0.5, [1, 2, 3, 4]), (10.0, [4])):
+        saved.clear()
+        clock = iter(range(0, 10_000, 60))  # each monotonic() call is a minute later
+        monkeypatch.setattr(train_mod.time, "monotonic", lambda: float(next(clock)))
+        config = small_train_config(steps=4, l1=None, checkpoint_every=0, checkpoint_minutes=minutes)
+        train_relu(relufy_(tiny_model("llama"), ReluConfig()), tok, TEXT, config, checkpoint_dir=tmp_path / str(minutes),
+                   progress=False)
+        monkeypatch.setattr(train_mod.time, "monotonic", time_mod.monotonic)
+        assert saved == expected
+    with pytest.raises(ActsparseError, match="checkpoint_minutes"):
+        small_train_config(checkpoint_minutes=-1.0)

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import ActsparseError
 from .fat import threshold_at_level
+from .loss import auto_chunk, chunked_lm_loss, lm_parts
 from .measure import ActivationTap, tokenize
 from .modules import FATReLU, activation_modules, fat_thresholds, set_fat_thresholds_
 
@@ -221,7 +222,11 @@ class TrainConfig:
     relu_anneal: ReluAnneal | None = None  # smooth SiLU -> ReLU over the first steps; None = ReLU from step 0
     bf16: bool = True  # autocast to bf16 on CUDA (weights and optimizer stay fp32)
     compile: bool = False  # torch.compile each decoder layer (student and teacher) for the run; same result
+    # tokens per chunk of the loss (relu/loss.py: no [tokens, vocab] logits tensor); None = by the
+    # vocabulary, 0 = the plain path through model(...).logits. The same loss either way.
+    loss_chunk: int | None = None
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end / stop
+    checkpoint_minutes: float = 0.0  # also after this much wall time since the last one; 0 = off
     seed: int = 0
     log_every: int = 10
 
@@ -268,8 +273,10 @@ class TrainConfig:
                                  f"ReLU anneal ends ({self.relu_anneal.end}): thresholds need the ReLU")
         if self.l1 is not None and self.l1.total_steps > self.steps:
             raise ActsparseError(f"the L1 schedule spans {self.l1.total_steps} steps but training has {self.steps}")
-        if self.checkpoint_every < 0 or self.log_every <= 0:
-            raise ActsparseError("checkpoint_every must be >= 0 and log_every > 0")
+        if self.loss_chunk is not None and self.loss_chunk < 0:
+            raise ActsparseError(f"loss_chunk must be >= 0 (0 = plain path) or None (automatic), got {self.loss_chunk}")
+        if self.checkpoint_every < 0 or self.log_every <= 0 or not self.checkpoint_minutes >= 0:
+            raise ActsparseError("checkpoint_every and checkpoint_minutes must be >= 0 and log_every > 0")
         self.betas = tuple(self.betas)
 
     @property
@@ -466,6 +473,9 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
     ramp = _Ramp(model, config, device, history) if config.fat_ramp is not None else None
     annealed = _annealed_modules(model, fresh=start == 0) if config.relu_anneal is not None else []
     compiled = _compile_layers(model, teacher) if config.compile else []
+    chunked = _chunked_parts(model, teacher if use_teacher else None, config)
+    lm_dtype = torch.bfloat16 if use_autocast else None  # the dtype of the logits matmul under autocast
+    last_checkpoint = time.monotonic()
     try:
         with ActivationTap(model, track_l1=True, count_zeros=True) as tap:
             for step in range(start, end):
@@ -484,25 +494,18 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
                     first = step * config.batch_size + micro * config.micro_batch_size
                     ids = data.batch(first, config.micro_batch_size).to(device)  # [b, T]
                     with autocast():
-                        out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+                        out = (model if chunked is None else chunked[0])(
+                            input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
                     if ramp is not None:
                         ramp.stop_sampling()  # one micro-batch's pre-activations are enough
-                    logits = out.logits[:, :-1].flatten(0, 1).float()  # [b*(T-1), V]
-                    # weight 0 in the loss (pure distillation): logged only, no backward through it
-                    lm = F.cross_entropy(logits.detach() if config.distill_alpha == 1 else logits, ids[:, 1:].flatten())
                     l1 = tap.pop_l1()
-                    kl = torch.zeros((), device=device)
                     hid = torch.zeros((), device=device)
-                    loss = lm
+                    t_out = None
                     if use_teacher:
                         with torch.no_grad(), autocast():
-                            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
-                    if config.distill_alpha > 0:
-                        t_logits = t_out.logits[:, :-1].flatten(0, 1)
-                        tau = config.distill_temperature
-                        kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits.float() / tau, -1),
-                                      log_target=True, reduction="batchmean") * tau**2
-                        loss = (1 - config.distill_alpha) * lm + config.distill_alpha * kl
+                            t_out = (teacher if chunked is None else chunked[1])(
+                                input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+                    loss, lm, kl = _lm_loss(out, t_out, ids, config, chunked, lm_dtype)
                     if hidden_states:
                         # every layer's output (embeddings excluded), relative to the teacher's energy
                         hid = torch.stack([(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
@@ -543,11 +546,14 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
                         bar.set_postfix(lm=f"{lm_v:.3f}", l1=f"{l1_v:.4f}", lam=f"{factor:.3g}",
                                         sparsity=f"{history.sparsity[-1]:.3f}")
                 done = step + 1
-                out_of_time = stop_at is not None and done < end and time.monotonic() > stop_at
+                now = time.monotonic()
+                out_of_time = stop_at is not None and done < end and now > stop_at
                 if ckpt_path is not None and (
                     (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end or out_of_time
+                    or (config.checkpoint_minutes and now - last_checkpoint >= 60 * config.checkpoint_minutes)
                 ):
                     save_checkpoint(ckpt_path, model, optimizer, scheduler, done, config, history)
+                    last_checkpoint = time.monotonic()
                 if out_of_time:
                     break
     finally:
@@ -558,6 +564,43 @@ def train_relu(model: nn.Module, tokenizer, text: str, config: TrainConfig,
         m.beta = None
     model.eval()
     return history
+
+
+def _chunked_parts(model: nn.Module, teacher: nn.Module | None, config: TrainConfig):
+    """(student decoder, teacher decoder or None, student head, teacher head or None, soft-cap, chunk)
+    for the chunked loss, or None for the plain path (``loss_chunk=0``, or a model not built as a
+    decoder plus a linear head)."""
+    if config.loss_chunk == 0:
+        return None
+    parts = lm_parts(model)
+    t_parts = lm_parts(teacher) if teacher is not None else None
+    if parts is None or (teacher is not None and (t_parts is None or t_parts[2] != parts[2])):
+        return None
+    chunk = config.loss_chunk or auto_chunk(parts[1].weight.shape[0])
+    return (parts[0], t_parts[0] if t_parts else None, parts[1], t_parts[1] if t_parts else None, parts[2], chunk)
+
+
+def _lm_loss(out, t_out, ids: torch.Tensor, config: TrainConfig, chunked, dtype):
+    """(loss, lm, kl): ``(1 - distill_alpha) * cross-entropy + distill_alpha * tau^2 KL(teacher ||
+    student)``; lm and kl carry no gradient where their weight is 0."""
+    labels = ids[:, 1:].flatten()
+    alpha, tau = config.distill_alpha, config.distill_temperature
+    if chunked is not None:
+        _, _, head, t_head, softcap, chunk = chunked
+        last = lambda o: o.last_hidden_state[:, :-1].flatten(0, 1)  # noqa: E731  [b*(T-1), D]
+        return chunked_lm_loss(last(out), head.weight, labels, alpha=alpha, tau=tau,
+                               teacher_h=last(t_out) if alpha > 0 else None,
+                               teacher_weight=t_head.weight if alpha > 0 else None,
+                               chunk=chunk, softcap=softcap, dtype=dtype)
+    logits = out.logits[:, :-1].flatten(0, 1).float()  # [b*(T-1), V]
+    # weight 0 in the loss (pure distillation): logged only, no backward through it
+    lm = F.cross_entropy(logits.detach() if alpha == 1 else logits, labels)
+    if alpha == 0:
+        return lm, lm.detach(), torch.zeros((), device=ids.device)
+    t_logits = t_out.logits[:, :-1].flatten(0, 1).float()
+    kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits / tau, -1),
+                  log_target=True, reduction="batchmean") * tau**2
+    return (1 - alpha) * lm + alpha * kl, lm.detach(), kl.detach()
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
