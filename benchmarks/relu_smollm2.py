@@ -423,6 +423,8 @@ def main(argv=None) -> int:
             need = 0.0  # a time-sliced run: the call's own timeout bounds it, and it resumes later
             log(f"{name}: {'resuming from' if resume else 'checkpointing to'} {ckpt_dir}"
                 + (f", stopping at step {args.e2e_stop_after}" if args.e2e_stop_after else ""))
+        if args.no_probe:
+            need = 0.0  # no throughput probe, no estimate: the deadline cannot be checked in advance
         if not fits(need):
             doc["skipped"].append({"run": name, "needed_s": need})
             log(f"skip {name}: needs ~{need:.0f}s, past the deadline")
