@@ -46,3 +46,19 @@ def test_bench_relu_train_harness_gates_modes_against_plain(tmp_path):
     assert doc["plain"]["tokens_per_s"] > 0 and set(doc["speedup_vs_plain"]) == {"chunked", "compiled"}
     with pytest.raises(SystemExit):
         main(["--tiny", "--modes", "chunked,plain"])
+
+
+def test_relu_smollm2_no_probe_runs_the_fine_tune(tmp_path):
+    """relu_smollm2 --no-probe (a fixed --max-steps, no throughput probe) in a single call without
+    --e2e-checkpoint: the ReLU fine-tune and its FATReLU stages run instead of being skipped for an
+    unknown (NaN) time estimate."""
+    from benchmarks.relu_smollm2 import main
+
+    out = tmp_path / "r"
+    main(["--tiny", "--no-probe", "--no-resume-check", "--max-steps", "6", "--peaks", "", "--skip-control",
+          "--relu-distill-alpha", "1", "--distill-alpha", "0", "--fat-target", "0.85", "--context", "32",
+          "--batch-size", "2", "--micro-batch-size", "2", "--eval-tokens", "256", "--out", str(out)])
+    doc = json.loads((out / "relu_smollm2.json").read_text())
+    assert doc["skipped"] == []
+    relu = [name for name in doc["stages"] if name.startswith("relu_finetune")]
+    assert len(relu) >= 2 and any(name.endswith("+fat") for name in relu), relu
