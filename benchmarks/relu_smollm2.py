@@ -420,11 +420,12 @@ def main(argv=None) -> int:
         ckpt_dir = Path(args.e2e_checkpoint) / name if args.e2e_checkpoint else None
         resume = ckpt_dir is not None and (ckpt_dir / CHECKPOINT_FILE).exists()
         if ckpt_dir is not None:
-            need = 0.0  # a time-sliced run: the call's own timeout bounds it, and it resumes later
             log(f"{name}: {'resuming from' if resume else 'checkpointing to'} {ckpt_dir}"
                 + (f", stopping at step {args.e2e_stop_after}" if args.e2e_stop_after else ""))
-        if args.no_probe:
-            need = 0.0  # no throughput probe, no estimate: the deadline cannot be checked in advance
+        if ckpt_dir is not None or args.no_probe:
+            # a time-sliced run: the call's own timeout bounds it, and it resumes later; without the
+            # throughput probe there is no estimate (NaN) to check against the deadline
+            need = 0.0
         if not fits(need):
             doc["skipped"].append({"run": name, "needed_s": need})
             log(f"skip {name}: needs ~{need:.0f}s, past the deadline")
